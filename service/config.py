@@ -1,0 +1,385 @@
+"""Typed run configuration: one YAML file, validated at start-up.
+
+Every section is a dataclass; unknown keys, wrong types and out-of-range values are
+errors that name the dotted key.  `--set a.b=value` overrides are parsed as YAML scalars.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key."""
+
+
+@dataclass
+class FeaturesConfig:
+    """Waveform -> log-mel -> patches."""
+    sample_rate: int = 16000
+    n_mels: int = 128
+    n_frames: int = 208             # frames per clip; clip length follows from win/hop
+    win_ms: float = 25.0
+    hop_ms: float = 10.0
+    frontend: str = "mel"           # mel (batched torchaudio MelSpectrogram) | kaldi (Kaldi fbank)
+    mean: float = -6.0              # normalisation: (logmel - mean) / std
+    std: float = 4.0
+    patch_freq: int = 16
+    patch_time: int = 16
+
+    @property
+    def win_length(self) -> int:
+        return int(round(self.sample_rate * self.win_ms / 1000))
+
+    @property
+    def hop_length(self) -> int:
+        return int(round(self.sample_rate * self.hop_ms / 1000))
+
+    @property
+    def clip_samples(self) -> int:
+        """Samples that give exactly n_frames frames (no centre padding)."""
+        return (self.n_frames - 1) * self.hop_length + self.win_length
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """Patch grid (freq rows, time columns)."""
+        return self.n_mels // self.patch_freq, self.n_frames // self.patch_time
+
+    def validate(self) -> None:
+        _check(self.frontend in ("mel", "kaldi"), "features.frontend", self.frontend, "mel or kaldi")
+        _check(self.sample_rate >= 4000, "features.sample_rate", self.sample_rate, ">= 4000")
+        _check(self.std > 0, "features.std", self.std, "> 0")
+        _check(self.n_mels % self.patch_freq == 0, "features.n_mels", self.n_mels,
+               f"a multiple of features.patch_freq={self.patch_freq}")
+        _check(self.n_frames % self.patch_time == 0, "features.n_frames", self.n_frames,
+               f"a multiple of features.patch_time={self.patch_time}")
+        _check(0 < self.hop_ms <= self.win_ms, "features.hop_ms", self.hop_ms, "in (0, win_ms]")
+
+
+@dataclass
+class DataConfig:
+    """Where the audio comes from and how bad input is handled."""
+    source: str = ""                # s3://bucket/prefix | local dir | manifest .csv/.parquet | synthetic
+    s3_endpoint: str | None = None  # e.g. http://127.0.0.1:9000 for S3-compatible stores
+    s3_region: str = "us-east-1"
+    extensions: list[str] = field(default_factory=lambda: ["wav", "flac", "ogg", "mp3"])
+    crops_per_file: int = 4         # at most this many random crops from one long file
+    min_seconds: float = 0.25       # shorter decoded audio is skipped (too_short); shorter than a clip is padded
+    max_file_mb: float = 256.0      # larger objects are skipped (too_large)
+    max_channels: int = 16
+    max_skip_fraction: float = 0.5  # fail the run when more files than this are bad
+    features_in: str = "pipeline"   # pipeline (CPU, Ray Data) | trainer (in the train step, e.g. on GPU)
+    read_retries: int = 5           # transient S3 errors
+    synthetic_files: int = 64       # for source=synthetic (tests, smoke runs)
+
+    def validate(self) -> None:
+        _check(bool(self.source), "data.source", self.source, "a non-empty source")
+        _check(self.features_in in ("pipeline", "trainer"), "data.features_in", self.features_in,
+               "pipeline or trainer")
+        _check(self.crops_per_file >= 1, "data.crops_per_file", self.crops_per_file, ">= 1")
+        _check(0 <= self.max_skip_fraction <= 1, "data.max_skip_fraction", self.max_skip_fraction, "in [0, 1]")
+
+
+@dataclass
+class ModelConfig:
+    """ViT encoder and narrow predictor widths/depths."""
+    width: int = 192
+    depth: int = 6
+    heads: int = 3
+    mlp_ratio: float = 4.0
+    pred_width: int = 96
+    pred_depth: int = 3
+    pred_heads: int = 3
+
+    def validate(self) -> None:
+        _check(self.width % self.heads == 0, "model.width", self.width, f"divisible by model.heads={self.heads}")
+        _check(self.pred_width % self.pred_heads == 0, "model.pred_width", self.pred_width,
+               f"divisible by model.pred_heads={self.pred_heads}")
+
+
+@dataclass
+class MaskingConfig:
+    """Which patches the context encoder sees and which the predictor must predict."""
+    geometry: str = "unstructured"          # unstructured | multiblock | time | freq
+    ratio: Any = field(default_factory=lambda: [0.4, 0.6])  # target fraction: number or [low, high] per batch
+    block_scale: list[float] = field(default_factory=lambda: [0.15, 0.2])   # multiblock: block area / grid
+    block_aspect: list[float] = field(default_factory=lambda: [0.75, 1.5])  # multiblock: height/width
+    context_scale: list[float] = field(default_factory=lambda: [0.85, 1.0]) # multiblock: context kept
+    stripe_width: list[int] = field(default_factory=lambda: [1, 3])          # time/freq: patches per stripe
+    min_keep: int = 4                        # never fewer context patches than this
+
+    def ratio_range(self) -> tuple[float, float]:
+        r = self.ratio
+        lo, hi = (r, r) if isinstance(r, (int, float)) else tuple(r)
+        return float(lo), float(hi)
+
+    def validate(self) -> None:
+        _check(self.geometry in ("unstructured", "multiblock", "time", "freq"), "masking.geometry",
+               self.geometry, "unstructured, multiblock, time or freq")
+        r = self.ratio
+        ok = isinstance(r, (int, float)) or (isinstance(r, list) and len(r) == 2
+                                             and all(isinstance(x, (int, float)) for x in r))
+        _check(ok, "masking.ratio", r, "a number or [low, high]")
+        lo, hi = self.ratio_range()
+        _check(0 < lo <= hi < 1, "masking.ratio", r, "0 < low <= high < 1")
+        for key in ("block_scale", "block_aspect", "context_scale", "stripe_width"):
+            v = getattr(self, key)
+            _check(len(v) == 2 and 0 < v[0] <= v[1], f"masking.{key}", v, "[low, high] with 0 < low <= high")
+        _check(self.context_scale[1] <= 1, "masking.context_scale", self.context_scale, "<= 1")
+
+
+@dataclass
+class EmaConfig:
+    """Target encoder EMA: tau goes tau_start -> tau_end over train.steps (by step, not epoch)."""
+    tau_start: float = 0.996
+    tau_end: float = 1.0
+    schedule: str = "cosine"        # cosine | linear
+
+    def validate(self) -> None:
+        _check(0 <= self.tau_start <= 1, "ema.tau_start", self.tau_start, "in [0, 1]")
+        _check(0 <= self.tau_end <= 1, "ema.tau_end", self.tau_end, "in [0, 1]")
+        _check(self.schedule in ("cosine", "linear"), "ema.schedule", self.schedule, "cosine or linear")
+
+
+@dataclass
+class LossConfig:
+    kind: str = "l2"                # l2 (the seed) | smooth_l1 (I-JEPA) | cosine (Audio-JEPA: 2 - 2 cos)
+    target_norm: str = "layernorm"  # none | layernorm (per-token standardised, no affine: I-JEPA, Audio-JEPA)
+
+    def validate(self) -> None:
+        _check(self.kind in ("l2", "smooth_l1", "cosine"), "loss.kind", self.kind, "l2, smooth_l1 or cosine")
+        _check(self.target_norm in ("none", "layernorm"), "loss.target_norm",
+               self.target_norm, "none or layernorm")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    min_lr: float = 1e-6
+    warmup_steps: int = 100
+    weight_decay: float = 0.04      # rises to weight_decay_end by cosine
+    weight_decay_end: float = 0.4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    grad_clip: float = 1.0          # 0 disables
+
+    def validate(self) -> None:
+        _check(self.lr > 0, "optim.lr", self.lr, "> 0")
+        _check(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, ">= 0")
+        _check(len(self.betas) == 2, "optim.betas", self.betas, "[beta1, beta2]")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000               # total optimiser steps (the schedules are sized from this)
+    batch_size: int = 32            # global batch, split evenly across workers
+    workers: int = 1
+    cpus_per_worker: int = 1
+    use_gpu: bool = False
+    log_every: int = 10
+    threads_per_worker: int = 0     # torch intra-op threads; 0 = cpus_per_worker
+    max_nonfinite: int = 3          # consecutive non-finite losses before the run stops
+
+    def validate(self) -> None:
+        _check(self.steps >= 1, "train.steps", self.steps, ">= 1")
+        _check(self.workers >= 1, "train.workers", self.workers, ">= 1")
+        _check(self.batch_size % self.workers == 0, "train.batch_size", self.batch_size,
+               f"divisible by train.workers={self.workers}")
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 200
+    storage_path: str = "runs"      # local dir or s3://bucket/prefix (data.s3_endpoint applies)
+    keep: int = 2
+
+    def validate(self) -> None:
+        _check(self.every_steps >= 1, "checkpoint.every_steps", self.every_steps, ">= 1")
+        _check(self.keep >= 1, "checkpoint.keep", self.keep, ">= 1")
+
+
+@dataclass
+class FailureConfig:
+    max_failures: int = 3
+    inject_kill_at_step: int = 0    # > 0: kill worker inject_kill_rank once at this step (rehearsals/tests)
+    inject_kill_rank: int = 0
+
+
+@dataclass
+class MlflowConfig:
+    tracking_uri: str = ""          # "" = $MLFLOW_TRACKING_URI, else tracking is off
+    experiment: str = "audio-jepa"
+    registered_model: str = ""      # "" = do not register
+    alias: str = "latest"
+
+
+@dataclass
+class Config:
+    run_name: str = "audio-jepa"
+    seed: int = 0
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    failure: FailureConfig = field(default_factory=FailureConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+
+    def validate(self) -> "Config":
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            if hasattr(section, "validate"):
+                section.validate()
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted key -> value, for MLflow params."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, d: dict) -> None:
+            for k, v in d.items():
+                key = f"{prefix}{k}"
+                if isinstance(v, dict):
+                    walk(key + ".", v)
+                else:
+                    out[key] = v
+        walk("", self.to_dict())
+        return out
+
+    def hash(self) -> str:
+        """Stable hash of the model-defining settings (for registry tags)."""
+        blob = json.dumps(self.to_dict(), sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _check(ok: bool, key: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}' = {value!r}: expected {expected}")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert a YAML value to the annotated type, or raise naming the key."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
+        return _build(tp, value, key + ".")
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"config key '{key}' = {value!r}: expected {tp}")
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}' = {value!r}: expected a list")
+        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}' = {value!r}: expected true/false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"config key '{key}' = {value!r}: expected an integer")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"config key '{key}' = {value!r}: expected a number")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"config key '{key}' = {value!r}: expected a string")
+    return value
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}' (known in this section: "
+                          f"{', '.join(sorted(names))})")
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _set_dotted(d: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    cur = d
+    for p in parts[:-1]:
+        cur = cur.setdefault(p, {})
+        if not isinstance(cur, dict):
+            raise ConfigError(f"--set {dotted}: '{p}' is not a section")
+    cur[parts[-1]] = value
+
+
+def resolve_path(name_or_path: str) -> Path:
+    """A YAML path, or the name of a shipped config (tiny, base)."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.exists():
+            raise ConfigError(f"config file not found: {p}")
+        return p
+    shipped = CONFIG_DIR / f"{name_or_path}.yaml"
+    if shipped.exists():
+        return shipped
+    names = sorted(x.stem for x in CONFIG_DIR.glob("*.yaml"))
+    raise ConfigError(f"no config file '{name_or_path}' and no shipped config of that name ({', '.join(names)})")
+
+
+def load_config(name_or_path: str | dict | None = None, overrides: list[str] | None = None) -> Config:
+    """Load, override (`key.sub=value`), type-check and validate a config."""
+    if isinstance(name_or_path, dict):
+        raw = json.loads(json.dumps(name_or_path))
+    elif name_or_path is None:
+        raw = {}
+    else:
+        path = resolve_path(name_or_path)
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key.sub=value")
+        key, val = item.split("=", 1)
+        _set_dotted(raw, key.strip(), yaml.safe_load(val) if val.strip() else "")
+    return _build(Config, raw).validate()
+
+
+def config_from_dict(d: dict) -> Config:
+    return _build(Config, d).validate()
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

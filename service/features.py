@@ -1,0 +1,77 @@
+"""Log-mel front end and patchify: waveform [B, samples] -> log-mel [B, mels, frames] -> patches.
+
+The front end is an nn.Module so it runs batched on whatever device the batch is on
+(CPU in the Ray Data pipeline, GPU in the train step when `data.features_in: trainer`).
+"""
+from __future__ import annotations
+
+import torch
+import torchaudio
+from torch import nn
+
+from service.config import FeaturesConfig
+
+LOG_FLOOR = 1e-10  # silent input -> log(1e-10), finite
+
+
+class LogMel(nn.Module):
+    """Batched log-mel with fixed normalisation; exactly `n_frames` frames for `clip_samples`."""
+
+    def __init__(self, cfg: FeaturesConfig):
+        super().__init__()
+        self.cfg = cfg
+        n_fft = 2 << (cfg.win_length - 1).bit_length()  # 2x zero-padding: no empty low mel filters
+        self.mel = torchaudio.transforms.MelSpectrogram(
+            sample_rate=cfg.sample_rate, n_fft=n_fft, win_length=cfg.win_length,
+            hop_length=cfg.hop_length, n_mels=cfg.n_mels, center=False, power=2.0,
+            f_min=20.0, f_max=cfg.sample_rate / 2, mel_scale="htk",
+        )
+
+    def _kaldi(self, wav: torch.Tensor) -> torch.Tensor:
+        c = self.cfg
+        out = [torchaudio.compliance.kaldi.fbank(
+            w[None] - w.mean(), htk_compat=True, sample_frequency=c.sample_rate, use_energy=False,
+            window_type="hanning", num_mel_bins=c.n_mels, dither=0.0, frame_length=c.win_ms,
+            frame_shift=c.hop_ms, energy_floor=0.0).T for w in wav]
+        return torch.stack(out)
+
+    @torch.no_grad()
+    def forward(self, wav: torch.Tensor) -> torch.Tensor:
+        """[B, samples] float -> normalised log-mel [B, n_mels, n_frames] (cropped/padded in time)."""
+        if wav.dim() == 1:
+            wav = wav[None]
+        wav = wav.float()
+        if self.cfg.frontend == "kaldi":
+            x = self._kaldi(wav)
+        else:
+            x = torch.log(self.mel(wav).clamp_min(LOG_FLOOR))
+        x = fit_frames(x, self.cfg.n_frames)
+        return (x - self.cfg.mean) / self.cfg.std
+
+
+def fit_frames(x: torch.Tensor, n_frames: int) -> torch.Tensor:
+    """Crop or pad (with the per-item minimum, i.e. silence) the time axis to n_frames."""
+    t = x.shape[-1]
+    if t == n_frames:
+        return x
+    if t > n_frames:
+        return x[..., :n_frames]
+    pad = x.amin(dim=(-2, -1), keepdim=True).expand(*x.shape[:-1], n_frames - t)
+    return torch.cat([x, pad], dim=-1)
+
+
+def patchify(spec: torch.Tensor, patch_freq: int, patch_time: int) -> torch.Tensor:
+    """[B, F, T] -> [B, (F/pf)*(T/pt), pf*pt]; patch index = freq_row * n_time + time_col."""
+    b, f, t = spec.shape
+    gf, gt = f // patch_freq, t // patch_time
+    x = spec[:, : gf * patch_freq, : gt * patch_time]
+    x = x.reshape(b, gf, patch_freq, gt, patch_time).permute(0, 1, 3, 2, 4)
+    return x.reshape(b, gf * gt, patch_freq * patch_time)
+
+
+def unpatchify(patches: torch.Tensor, grid: tuple[int, int], patch_freq: int, patch_time: int) -> torch.Tensor:
+    """Inverse of patchify (for plots)."""
+    b = patches.shape[0]
+    gf, gt = grid
+    x = patches.reshape(b, gf, gt, patch_freq, patch_time).permute(0, 1, 3, 2, 4)
+    return x.reshape(b, gf * patch_freq, gt * patch_time)

@@ -1,0 +1,205 @@
+"""The JEPA core: config, front end, masks, model, loss, EMA and schedules."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from service.config import ConfigError, load_config
+from service.features import LogMel, patchify, unpatchify
+from service.masks import GEOMETRIES, MaskGenerator, render_masks
+from service.model import AudioJEPA, Encoder, sincos_2d
+from service.optim import apply_schedules, build_optimizer, lr_at, tau_at
+
+torch.set_num_threads(2)
+
+
+def small_cfg(**over):
+    sets = ["model.width=64", "model.depth=2", "model.heads=2", "model.pred_width=32",
+            "model.pred_depth=1", "model.pred_heads=2"] + [f"{k}={v}" for k, v in over.items()]
+    return load_config("tiny", sets)
+
+
+# --- config -------------------------------------------------------------------------
+def test_config_rejects_unknown_and_bad_keys():
+    with pytest.raises(ConfigError, match="train.stepz"):
+        load_config("tiny", ["train.stepz=3"])
+    with pytest.raises(ConfigError, match="masking.geometry"):
+        load_config("tiny", ["masking.geometry=spiral"])
+    with pytest.raises(ConfigError, match="train.steps"):
+        load_config("tiny", ["train.steps=many"])
+    with pytest.raises(ConfigError, match="features.n_frames"):
+        load_config("tiny", ["features.n_frames=200"])
+    assert load_config("tiny", ["masking.ratio=0.7"]).masking.ratio_range() == (0.7, 0.7)
+    assert load_config("base").features.grid == (6, 32)
+
+
+# --- front end ----------------------------------------------------------------------
+@pytest.mark.parametrize("frontend", ["mel", "kaldi"])
+def test_logmel_shapes_and_silence_is_finite(frontend):
+    cfg = load_config("tiny", [f"features.frontend={frontend}"]).features
+    fe = LogMel(cfg)
+    silent = torch.zeros(2, cfg.clip_samples)
+    constant = torch.full((1, cfg.clip_samples), 0.5)
+    odd = torch.randn(1, cfg.clip_samples - 777) * 0.1  # odd length -> padded to n_frames
+    for wav in (silent, constant, odd):
+        x = fe(wav)
+        assert x.shape == (wav.shape[0], cfg.n_mels, cfg.n_frames)
+        assert torch.isfinite(x).all()
+
+
+def test_patchify_roundtrip_non_square():
+    spec = torch.randn(3, 96, 512)
+    p = patchify(spec, 16, 16)
+    assert p.shape == (3, 6 * 32, 256)
+    # patch index = freq_row * n_time + time_col
+    assert torch.equal(p[0, 1 * 32 + 5], spec[0, 16:32, 80:96].reshape(-1))
+    assert torch.equal(unpatchify(p, (6, 32), 16, 16), spec)
+
+
+# --- masks --------------------------------------------------------------------------
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+@pytest.mark.parametrize("grid", [(8, 13), (6, 32), (5, 7)])
+def test_masks_counts_disjoint_and_cover_edges(geometry, grid):
+    cfg = load_config("tiny", [f"masking.geometry={geometry}", "masking.ratio=[0.3, 0.7]"]).masking
+    gen = MaskGenerator(cfg, grid)
+    n = grid[0] * grid[1]
+    rng = np.random.default_rng(1)
+    target_hits = np.zeros(n)
+    context_hits = np.zeros(n)
+    ratios = []
+    for _ in range(150):
+        m = gen(16, rng)
+        ctx, tgt = m.context.numpy(), m.target.numpy()
+        assert ctx.shape[0] == tgt.shape[0] == 16
+        for c, t in zip(ctx, tgt):
+            assert len(set(c)) == len(c) and len(set(t)) == len(t)
+            assert not set(c) & set(t), "context and target overlap"
+            assert c.min() >= 0 and max(c.max(), t.max()) < n
+            assert (np.diff(c) > 0).all() and (np.diff(t) > 0).all()
+        assert ctx.shape[1] >= cfg.min_keep and tgt.shape[1] >= 1
+        np.add.at(target_hits, tgt.ravel(), 1)
+        np.add.at(context_hits, ctx.ravel(), 1)
+        ratios.append(m.ratio)
+    assert (target_hits > 0).all(), "some patch (edge?) is never a target"
+    assert (context_hits > 0).all(), "some patch is never context"
+    # coverage is close to uniform: no cell (edges, centre) is starved
+    assert target_hits.min() > 0.3 * target_hits.mean()
+    lines = {"time": grid[1], "freq": grid[0]}.get(geometry, n)
+    assert min(ratios) >= 0.3 - 0.5 / lines - 1e-9 and max(ratios) <= 0.7 + 0.5 / lines + 1e-9
+    assert max(ratios) - min(ratios) >= 0.19  # the range is actually sampled
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_masks_exact_ratio_and_seeded(geometry):
+    cfg = load_config("tiny", [f"masking.geometry={geometry}", "masking.ratio=0.5"]).masking
+    gen = MaskGenerator(cfg, (8, 13))
+    a, b = gen(8, np.random.default_rng(7)), gen(8, np.random.default_rng(7))
+    assert torch.equal(a.context, b.context) and torch.equal(a.target, b.target)
+    c = gen(8, np.random.default_rng(8))
+    assert not torch.equal(a.target, c.target)
+    expected = {"time": round(0.5 * 13) * 8, "freq": round(0.5 * 8) * 13}.get(geometry, 52)
+    assert a.target.shape[1] == expected
+
+
+def test_unstructured_context_is_the_rest():
+    cfg = load_config("tiny", ["masking.ratio=0.6"]).masking
+    m = MaskGenerator(cfg, (8, 13))(4, np.random.default_rng(0))
+    assert m.context.shape[1] + m.target.shape[1] == 104 and m.target.shape[1] == round(0.6 * 104)
+
+
+def test_render_masks_png(tmp_path):
+    cfg = load_config("tiny")
+    spec = torch.randn(cfg.features.n_mels, cfg.features.n_frames)
+    out = render_masks(spec, cfg.features.grid, (16, 16), cfg.masking, str(tmp_path / "m.png"))
+    assert open(out, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+# --- model --------------------------------------------------------------------------
+def test_sincos_non_square_unique_positions():
+    pe = sincos_2d(64, (6, 32))
+    assert pe.shape == (192, 64)
+    assert torch.cdist(pe, pe).add(torch.eye(192) * 10).min() > 1e-3
+
+
+def batch(cfg, b=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    wav = torch.randn(b, cfg.features.clip_samples, generator=g) * 0.1
+    spec = LogMel(cfg.features)(wav)
+    return patchify(spec, cfg.features.patch_freq, cfg.features.patch_time)
+
+
+def test_target_encoder_gets_no_grad_and_ema_matches_formula():
+    cfg = small_cfg()
+    model = AudioJEPA(cfg)
+    p = batch(cfg)
+    m = MaskGenerator(cfg.masking, cfg.features.grid)(p.shape[0], np.random.default_rng(0))
+    loss, _ = model(p, m.context, m.target)
+    loss.backward()
+    assert all(q.grad is None for q in model.target_encoder.parameters())
+    assert all(q.grad is not None for q in model.encoder.parameters())
+    with torch.no_grad():
+        for q in model.encoder.parameters():
+            q.add_(torch.randn_like(q) * 0.01)
+    before = copy.deepcopy(model.target_encoder.state_dict())
+    online = copy.deepcopy(model.encoder.state_dict())
+    model.ema_update(0.9)
+    for k, v in model.target_encoder.state_dict().items():
+        assert torch.allclose(v, 0.9 * before[k] + 0.1 * online[k], atol=1e-6), k
+
+
+@pytest.mark.parametrize("kind", ["l2", "smooth_l1", "cosine"])
+def test_tiny_model_overfits_one_batch(kind):
+    torch.manual_seed(0)
+    cfg = small_cfg(**{"loss.kind": kind, "optim.lr": 3e-3})
+    model = AudioJEPA(cfg)
+    opt = build_optimizer(model, cfg.optim)
+    for g in opt.param_groups:
+        g["lr"] = 3e-3
+    p = batch(cfg, b=8)
+    m = MaskGenerator(cfg.masking, cfg.features.grid)(8, np.random.default_rng(0))
+    # freeze the targets (tau=1) so the objective is stationary: pure fitting capacity
+    losses = []
+    for _ in range(60):
+        loss, _ = model(p, m.context, m.target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] / 5, (losses[0], losses[-1])
+
+
+def test_silent_input_gives_finite_loss():
+    cfg = small_cfg()
+    model = AudioJEPA(cfg)
+    spec = LogMel(cfg.features)(torch.zeros(4, cfg.features.clip_samples))
+    p = patchify(spec, 16, 16)
+    m = MaskGenerator(cfg.masking, cfg.features.grid)(4, np.random.default_rng(0))
+    loss, h = model(p, m.context, m.target)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(h).all()
+    assert all(torch.isfinite(q.grad).all() for q in model.parameters() if q.grad is not None)
+
+
+def test_encoder_handles_other_grids():
+    cfg = load_config("base", ["model.width=64", "model.depth=1", "model.heads=2"])
+    enc = Encoder(256, cfg.features.grid, cfg.model)
+    out = enc(torch.randn(2, 192, 256))
+    assert out.shape == (2, 192, 64)
+
+
+# --- schedules ----------------------------------------------------------------------
+def test_schedules_by_step():
+    cfg = load_config("tiny", ["train.steps=500", "optim.warmup_steps=50"])
+    assert tau_at(0, 500, cfg.ema) == pytest.approx(0.996)
+    assert tau_at(500, 500, cfg.ema) == pytest.approx(1.0)
+    assert tau_at(250, 500, cfg.ema) == pytest.approx(0.998)
+    assert lr_at(49, 500, cfg.optim) == pytest.approx(cfg.optim.lr)
+    assert lr_at(499, 500, cfg.optim) < 0.01 * cfg.optim.lr
+    model = AudioJEPA(small_cfg())
+    opt = build_optimizer(model, cfg.optim)
+    vals = apply_schedules(opt, 500, cfg)
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == pytest.approx(cfg.optim.weight_decay_end) == vals["wd"]
+    assert no_decay["weight_decay"] == 0.0
+    assert all(p.ndim <= 1 for p in no_decay["params"]) and all(p.ndim == 2 for p in decay["params"])
