@@ -69,7 +69,7 @@ class FeaturesConfig:
 @dataclass
 class DataConfig:
     """Where the audio comes from and how bad input is handled."""
-    source: str = ""                # s3://bucket/prefix | local dir | manifest .csv/.parquet | synthetic
+    source: str = ""                # s3://bucket/prefix | local dir | manifest .csv/.parquet (required to train)
     s3_endpoint: str | None = None  # e.g. http://127.0.0.1:9000 for S3-compatible stores
     s3_region: str = "us-east-1"
     extensions: list[str] = field(default_factory=lambda: ["wav", "flac", "ogg", "mp3"])
@@ -80,10 +80,8 @@ class DataConfig:
     max_skip_fraction: float = 0.5  # fail the run when more files than this are bad
     features_in: str = "pipeline"   # pipeline (CPU, Ray Data) | trainer (in the train step, e.g. on GPU)
     read_retries: int = 5           # transient S3 errors
-    synthetic_files: int = 64       # for source=synthetic (tests, smoke runs)
 
     def validate(self) -> None:
-        _check(bool(self.source), "data.source", self.source, "a non-empty source")
         _check(self.features_in in ("pipeline", "trainer"), "data.features_in", self.features_in,
                "pipeline or trainer")
         _check(self.crops_per_file >= 1, "data.crops_per_file", self.crops_per_file, ">= 1")

@@ -1,0 +1,83 @@
+"""Audio bytes -> validated mono waveform at the model's rate -> fixed-length crops.
+
+Every way a file can be bad raises `Skip(reason, detail)`; the pipeline counts reasons and
+logs the object key, and the run goes on.
+"""
+from __future__ import annotations
+
+import io
+import zlib
+from functools import lru_cache
+
+import numpy as np
+import soundfile as sf
+import torch
+import torchaudio
+
+MIN_RATE, MAX_RATE = 1000, 384_000
+SILENCE_PEAK = 1e-4  # -80 dBFS: a file that never exceeds this is "silent"
+
+SKIP_REASONS = ("empty", "too_large", "undecodable", "bad_sample_rate", "too_many_channels",
+                "too_short", "non_finite", "silent", "read_error")
+
+
+class Skip(Exception):
+    def __init__(self, reason: str, detail: str = ""):
+        assert reason in SKIP_REASONS, reason
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason, self.detail = reason, detail
+
+
+@lru_cache(maxsize=32)
+def _resampler(orig: int, new: int) -> torchaudio.transforms.Resample:
+    return torchaudio.transforms.Resample(orig, new)
+
+
+def decode(data: bytes, sample_rate: int, max_channels: int = 16, min_seconds: float = 0.25) -> np.ndarray:
+    """Bytes of any soundfile-supported format -> mono float32 at `sample_rate`, validated."""
+    if not data:
+        raise Skip("empty")
+    try:
+        with sf.SoundFile(io.BytesIO(data)) as f:
+            sr, ch, frames = f.samplerate, f.channels, f.frames
+            if not MIN_RATE <= sr <= MAX_RATE:
+                raise Skip("bad_sample_rate", f"{sr} Hz")
+            if not 1 <= ch <= max_channels:
+                raise Skip("too_many_channels", f"{ch} channels")
+            wav = f.read(dtype="float32", always_2d=True)
+    except Skip:
+        raise
+    except Exception as e:  # libsndfile: not audio, truncated header, unsupported codec
+        raise Skip("undecodable", f"{type(e).__name__}: {str(e)[:120]}") from None
+    if wav.shape[0] == 0:
+        raise Skip("too_short", "0 samples")
+    if not np.isfinite(wav).all():
+        raise Skip("non_finite", f"{int((~np.isfinite(wav)).sum())} NaN/inf samples")
+    mono = wav.mean(axis=1)
+    if mono.shape[0] < min_seconds * sr:
+        raise Skip("too_short", f"{mono.shape[0] / sr:.3f} s")
+    if np.abs(mono).max() <= SILENCE_PEAK:
+        raise Skip("silent", f"peak {np.abs(mono).max():.2e}")
+    if sr != sample_rate:
+        with torch.no_grad():
+            mono = _resampler(sr, sample_rate)(torch.from_numpy(mono)).numpy()
+    return np.ascontiguousarray(mono, dtype=np.float32)
+
+
+def crop_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
+    """Crops depend on (seed, epoch, file key) only: the same file gives the same crops anywhere."""
+    return np.random.default_rng([seed, epoch, zlib.crc32(key.encode())])
+
+
+def crops(wav: np.ndarray, clip_samples: int, max_crops: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Random non-overlapping-on-average crops of a long file; a short file is zero-padded once."""
+    n = wav.shape[0]
+    if n <= clip_samples:
+        out = np.zeros(clip_samples, dtype=np.float32)
+        out[:n] = wav
+        return [out]
+    k = int(min(max_crops, n // clip_samples)) or 1
+    # split the file into k equal segments and crop randomly inside each: spread, no duplicates
+    seg = n // k
+    starts = [i * seg + int(rng.integers(0, max(seg - clip_samples, 0) + 1)) for i in range(k)]
+    return [wav[s:s + clip_samples].copy() for s in starts]

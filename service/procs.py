@@ -1,0 +1,87 @@
+"""Start and stop helper services (moto, MLflow, Ray head) by process group, never by name."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (never 5000, MLflow's default, which moto also wants)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port != 5000:
+            return port
+
+
+def start_group(cmd: list[str], log_path: Path | str, env: dict | None = None) -> subprocess.Popen:
+    """Run cmd in its own session/process group, output to log_path."""
+    log = open(log_path, "ab")
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            start_new_session=True, env={**os.environ, **(env or {})})
+
+
+def stop_group(proc_or_pgid, timeout: float = 20.0) -> None:
+    """SIGTERM the whole group, wait, then SIGKILL what is left (MLflow's workers outlive the parent)."""
+    pgid = proc_or_pgid if isinstance(proc_or_pgid, int) else proc_or_pgid.pid
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.time() + wait
+        while time.time() < deadline and group_alive(pgid):
+            if not isinstance(proc_or_pgid, int):
+                proc_or_pgid.poll()
+            time.sleep(0.2)
+        if not group_alive(pgid):
+            break
+    if not isinstance(proc_or_pgid, int):
+        try:
+            proc_or_pgid.wait(timeout=1)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # zombies still count for killpg; look for a live member
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
+
+
+def wait_http(url: str, timeout: float = 60.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.time() + timeout
+    last = None
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process for {url} exited with code {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except urllib.error.HTTPError:
+            return  # the server answers
+        except Exception as e:  # not up yet
+            last = e
+        time.sleep(0.3)
+    raise TimeoutError(f"{url} did not answer within {timeout:.0f} s ({last})")

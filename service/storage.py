@@ -1,0 +1,126 @@
+"""Object storage: one pyarrow filesystem for local paths and s3:// URIs (any S3-compatible endpoint).
+
+pyarrow ignores AWS_ENDPOINT_URL, so the endpoint is always passed explicitly: from config
+(`data.s3_endpoint`) or from the AWS_ENDPOINT_URL(_S3) environment variables.
+Credentials come from the usual AWS environment variables / files.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from urllib.parse import quote, urlparse
+
+import pyarrow.fs as pafs
+
+
+def s3_endpoint(explicit: str | None = None) -> str | None:
+    return explicit or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def s3_filesystem(endpoint: str | None = None, region: str | None = None, retries: int = 5) -> pafs.S3FileSystem:
+    endpoint = s3_endpoint(endpoint)
+    kwargs = dict(region=region or os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1",
+                  retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=retries),
+                  connect_timeout=10, request_timeout=60)
+    if endpoint:
+        u = urlparse(endpoint if "://" in endpoint else f"http://{endpoint}")
+        kwargs.update(endpoint_override=u.netloc, scheme=u.scheme)
+    return pafs.S3FileSystem(**kwargs)
+
+
+def resolve(uri: str, endpoint: str | None = None, region: str | None = None) -> tuple[pafs.FileSystem, str]:
+    """URI or local path -> (filesystem, path inside it)."""
+    if uri.startswith("s3://"):
+        return s3_filesystem(endpoint, region), uri[len("s3://"):].rstrip("/")
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+
+
+def is_remote(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def join(base: str, rel: str) -> str:
+    if is_remote(base):
+        return base.rstrip("/") + "/" + rel.lstrip("/")
+    return os.path.join(base, rel)
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    uri: str     # s3://bucket/key or absolute local path
+    key: str     # path relative to the source root (stable across local/S3 copies of a corpus)
+    size: int
+
+
+def list_files(root: str, extensions: list[str] | None = None, endpoint: str | None = None,
+               region: str | None = None) -> tuple[list[FileEntry], int]:
+    """Recursive listing sorted by key; returns (matching files, number ignored by extension)."""
+    fs, path = resolve(root, endpoint, region)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"source not found: {root}")
+    if info.type == pafs.FileType.File:
+        infos = [info]
+        base = os.path.dirname(path)
+    else:
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+        base = path
+    exts = {e.lower().lstrip(".") for e in extensions} if extensions else None
+    out, ignored = [], 0
+    for i in infos:
+        if i.type != pafs.FileType.File:
+            continue
+        if exts is not None and i.extension.lower() not in exts:
+            ignored += 1
+            continue
+        rel = os.path.relpath(i.path, base)
+        uri = f"s3://{i.path}" if is_remote(root) else i.path
+        out.append(FileEntry(uri, rel, i.size))
+    out.sort(key=lambda e: e.key)
+    return out, ignored
+
+
+def read_bytes(uri: str, endpoint: str | None = None, region: str | None = None, retries: int = 5,
+               fs: pafs.FileSystem | None = None) -> bytes:
+    """Whole object, retrying transient errors with backoff (missing objects are not retried)."""
+    if fs is None:
+        fs, path = resolve(uri, endpoint, region)
+    else:
+        path = uri[len("s3://"):] if uri.startswith("s3://") else uri
+    for attempt in range(retries):
+        try:
+            with fs.open_input_stream(path) as f:
+                return f.read()
+        except FileNotFoundError:
+            raise
+        except OSError:
+            if attempt == retries - 1:
+                raise
+            time.sleep(min(0.2 * 2 ** attempt, 5.0))
+    raise AssertionError("unreachable")
+
+
+def write_bytes(uri: str, data: bytes, endpoint: str | None = None, region: str | None = None) -> None:
+    fs, path = resolve(uri, endpoint, region)
+    if not is_remote(uri):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+
+
+def ray_storage(uri: str, endpoint: str | None = None, region: str | None = None) -> tuple[str, pafs.FileSystem | None]:
+    """(storage_path, storage_filesystem) for ray.train.RunConfig: local dirs absolute, S3 with our endpoint."""
+    if is_remote(uri):
+        fs, path = resolve(uri, endpoint, region)
+        return path, fs
+    return os.path.abspath(os.path.expanduser(uri)), None
+
+
+def s3_uri_with_endpoint(uri: str, endpoint: str | None) -> str:
+    """s3://b/p?endpoint_override=...&scheme=... form understood by pyarrow.fs.FileSystem.from_uri."""
+    endpoint = s3_endpoint(endpoint)
+    if not endpoint or not is_remote(uri):
+        return uri
+    u = urlparse(endpoint if "://" in endpoint else f"http://{endpoint}")
+    return f"{uri}?endpoint_override={quote(u.netloc, safe='')}&scheme={u.scheme}"
