@@ -136,3 +136,22 @@ def ray_local():
     yield ray
     ray.shutdown()
 
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` (SQLite registry) on 127.0.0.1:<free port>; sets MLFLOW_TRACKING_URI."""
+    d = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    mlflow_bin = str(Path(sys.executable).parent / "mlflow")
+    proc = start_group([mlflow_bin, "server", "--backend-store-uri", f"sqlite:///{d}/mlflow.db",
+                        "--artifacts-destination", str(d / "artifacts"), "--host", "127.0.0.1",
+                        "--port", str(port), "--workers", "1"], d / "server.log")
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{uri}/health", timeout=120, proc=proc)
+        os.environ["MLFLOW_TRACKING_URI"] = uri
+        yield uri
+    finally:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+        stop_group(proc)

@@ -1,0 +1,78 @@
+"""Shared CLI plumbing for the jobs: config arguments, Ray connection, summary JSON, exit codes."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from service.config import Config, ConfigError, load_config
+
+PASS_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
+            "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "MLFLOW_TRACKING_URI",
+            "MLFLOW_TRACKING_TOKEN", "MLFLOW_S3_ENDPOINT_URL")
+
+
+def config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="YAML path or shipped config name (tiny, base)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.steps=200 (repeatable)")
+    p.add_argument("--summary-json", type=Path, help="write the run's outcome as one JSON object")
+
+
+def load(args) -> Config:
+    try:
+        return load_config(args.config, args.overrides)
+    except ConfigError as e:
+        die(str(e))
+
+
+def die(msg: str, code: int = 2):
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("ray.data", "ray.train", "ray.tune", "urllib3", "botocore", "mlflow"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def init_ray(min_cpus: int = 1) -> None:
+    """Join the cluster in RAY_ADDRESS (what `ray job submit` sets), else start a private local Ray.
+
+    Never joins a cluster merely recorded on this machine.  Locally, at least `min_cpus` logical
+    CPUs are declared so Train workers and Ray Data tasks cannot starve each other on 2 cores.
+    """
+    import ray
+    if ray.is_initialized():
+        return
+    quiet_ray_data()
+    env = {k: os.environ[k] for k in PASS_ENV if k in os.environ}
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(runtime_env={"env_vars": env}, log_to_driver=True)
+    else:
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, min_cpus), include_dashboard=False,
+                 runtime_env={"env_vars": env})
+
+
+def write_summary(path: Path | None, summary: dict) -> None:
+    text = json.dumps(summary, indent=2, default=str)
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    print("summary: " + json.dumps({k: summary.get(k) for k in ("status", "run_name", "final_step", "checkpoint",
+                                                                  "mlflow_run_id", "registered_model")},
+                                   default=str), flush=True)
+
+
+def quiet_ray_data() -> None:
+    """Our own progress line replaces Ray Data's per-operator progress bars."""
+    import ray.data
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.enable_operator_progress_bars = False
+    ctx.print_on_execution_start = False

@@ -1,0 +1,52 @@
+"""Register a pretraining run's model: `python -m jobs.register --run RUN_ID [--name N] [--alias A]`.
+
+The checkpoint is the run's final one (MLflow tag audio_jepa.checkpoint) unless --checkpoint is given.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from jobs.common import die
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m jobs.register", description=__doc__)
+    p.add_argument("--run", required=True, help="MLflow run id of the pretraining run")
+    p.add_argument("--name", help="registered model name (default: the run's mlflow.registered_model)")
+    p.add_argument("--alias", default=None, help="alias to point at the new version (default: latest)")
+    p.add_argument("--checkpoint", help="checkpoint dir (default: the run's final checkpoint)")
+    p.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI")
+    args = p.parse_args(argv)
+    import os
+
+    from mlflow import MlflowClient
+
+    from service.registry import register_run
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        die("no tracking server: pass --tracking-uri or set MLFLOW_TRACKING_URI")
+    run = MlflowClient(tracking_uri=uri).get_run(args.run)
+    checkpoint = args.checkpoint or run.data.tags.get("audio_jepa.checkpoint")
+    if not checkpoint:
+        die(f"run {args.run} has no audio_jepa.checkpoint tag; pass --checkpoint")
+    from service import checkpoint as ckpt
+    from service.registry import _local_checkpoint_dir
+    d, tmp = _local_checkpoint_dir(checkpoint)
+    try:
+        cfg = ckpt.config_of(ckpt.load_state(d))
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    cfg.mlflow.tracking_uri = uri
+    name = args.name or cfg.mlflow.registered_model
+    if not name:
+        die("no model name: pass --name (the run's config has no mlflow.registered_model)")
+    out = register_run(cfg, args.run, checkpoint, name=name, alias=args.alias or cfg.mlflow.alias)
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""Frozen-feature evaluation: labeled task -> clip embeddings (cached) -> linear probe and kNN.
+
+Split discipline: model selection (the logistic-regression C) uses `valid` (or cross-validation
+inside `train` when there is no `valid`); the final probe is fit on train(+valid); `test` is only
+ever predicted.  Baselines (random-init encoder, log-mel mean+std) run on the same splits.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import accuracy_score, f1_score
+from sklearn.model_selection import StratifiedKFold
+from sklearn.neighbors import KNeighborsClassifier
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from service.audio import Skip, decode
+from service.config import FeaturesConfig
+from service.features import LogMel
+from service.storage import join, read_bytes
+
+log = logging.getLogger("audio_jepa.probe")
+SPLITS = ("train", "valid", "test")
+C_GRID = (0.01, 0.1, 1.0, 10.0)
+KNN_K = 10
+
+
+class TaskError(ValueError):
+    pass
+
+
+@dataclass
+class Task:
+    uri: str
+    paths: list[str]
+    labels: list[str]
+    splits: list[str]
+    manifest_sha: str
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return Path(self.uri.rstrip("/")).name
+
+
+def load_task(uri: str, endpoint: str | None = None) -> Task:
+    """Read and validate `manifest.csv` (header path,label,split) of a task dir or s3:// prefix."""
+    try:
+        raw = read_bytes(join(uri, "manifest.csv"), endpoint)
+    except (FileNotFoundError, OSError) as e:
+        raise TaskError(f"task {uri}: cannot read manifest.csv ({e})") from e
+    rows = list(csv.reader(io.StringIO(raw.decode("utf-8"))))
+    if not rows or [h.strip() for h in rows[0]] != ["path", "label", "split"]:
+        raise TaskError(f"task {uri}: manifest.csv header must be 'path,label,split', got {rows[:1]}")
+    paths, labels, splits = [], [], []
+    for i, r in enumerate(rows[1:], start=2):
+        if not r:
+            continue
+        if len(r) != 3 or r[2].strip() not in SPLITS or not r[0].strip() or not r[1].strip():
+            raise TaskError(f"task {uri}: manifest.csv line {i} is invalid: {r} "
+                            f"(need path,label,split with split in {'|'.join(SPLITS)})")
+        paths.append(r[0].strip())
+        labels.append(r[1].strip())
+        splits.append(r[2].strip())
+    for s in ("train", "test"):
+        if s not in splits:
+            raise TaskError(f"task {uri}: manifest.csv has no '{s}' rows")
+    return Task(uri, paths, labels, splits, hashlib.sha256(raw).hexdigest()[:16])
+
+
+def load_audio(task: Task, sample_rate: int, endpoint: str | None = None) -> tuple[list[np.ndarray], np.ndarray]:
+    """Decode every clip at `sample_rate`; bad files are skipped with a warning. Returns (wavs, kept mask)."""
+    wavs, keep = [], np.zeros(len(task.paths), dtype=bool)
+    for i, p in enumerate(task.paths):
+        try:
+            wavs.append(decode(read_bytes(join(task.uri, p), endpoint), sample_rate, min_seconds=0.05))
+            keep[i] = True
+        except (Skip, OSError) as e:
+            task.skipped[p] = str(e)
+            log.warning("task %s: skipped %s: %s", task.uri, p, e)
+    return wavs, keep
+
+
+# --- features ------------------------------------------------------------------------------
+@torch.no_grad()
+def encoder_features(encoder, wavs: list[np.ndarray], pooling: str = "mean", batch: int = 32) -> np.ndarray:
+    """Clip embeddings: frames pooled over the clip's own (unpadded) frames; similar lengths batched."""
+    order = np.argsort([len(w) for w in wavs])
+    out = np.zeros((len(wavs), encoder.embedding_dim * (2 if pooling == "meanmax" else 1)), np.float32)
+    fc = encoder.cfg.features
+    for s in range(0, len(order), batch):
+        idx = order[s:s + batch]
+        n = max(len(wavs[i]) for i in idx)
+        x = torch.zeros(len(idx), n)
+        for j, i in enumerate(idx):
+            x[j, :len(wavs[i])] = torch.from_numpy(wavs[i])
+        frames, _ = encoder.embed_frames(x)
+        for j, i in enumerate(idx):
+            n_frames = 1 + (len(wavs[i]) - fc.win_length) // fc.hop_length if len(wavs[i]) >= fc.win_length else 1
+            valid = max(1, min(frames.shape[1], -(-n_frames // fc.patch_time)))
+            f = frames[j, :valid]
+            pooled = [f.mean(0)] + ([f.amax(0)] if pooling == "meanmax" else [])
+            out[i] = torch.cat(pooled).numpy()
+    return out
+
+
+@torch.no_grad()
+def logmel_features(wavs: list[np.ndarray], fc: FeaturesConfig) -> np.ndarray:
+    """Baseline: per-mel-bin mean and std of the log-mel over time."""
+    fe = LogMel(fc)
+    out = []
+    for w in wavs:
+        x = torch.from_numpy(w)[None]
+        if x.shape[1] < fc.win_length:
+            x = torch.nn.functional.pad(x, (0, fc.win_length - x.shape[1]))
+        n_frames = 1 + (x.shape[1] - fc.win_length) // fc.hop_length
+        spec = fe(x)[0, :, :max(1, min(n_frames, fc.n_frames))] if x.shape[1] <= fc.clip_samples else \
+            _long_logmel(fe, x, fc)
+        out.append(torch.cat([spec.mean(1), spec.std(1, unbiased=False)]).numpy())
+    return np.stack(out).astype(np.float32)
+
+
+def _long_logmel(fe: LogMel, x: torch.Tensor, fc: FeaturesConfig) -> torch.Tensor:
+    chunks = [fe(x[:, s:s + fc.clip_samples])[0] for s in range(0, x.shape[1] - fc.win_length + 1,
+                                                              fc.n_frames * fc.hop_length)]
+    return torch.cat(chunks, dim=1)
+
+
+def cached(cache_dir: str | None, key: dict, compute) -> np.ndarray:
+    """Embeddings cached per (model, task, pooling) so re-running a probe does not re-encode."""
+    if not cache_dir:
+        return compute()
+    h = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    path = Path(cache_dir) / f"{h}.npy"
+    if path.exists():
+        return np.load(path)
+    feats = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path.with_suffix(".tmp.npy"), feats)
+    os.replace(path.with_suffix(".tmp.npy"), path)
+    return feats
+
+
+# --- probes --------------------------------------------------------------------------------
+def _linear(c: float):
+    return make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000))
+
+
+def select_c(X: np.ndarray, y: np.ndarray, split: np.ndarray) -> float:
+    """C by accuracy on `valid`, or by 3-fold CV inside `train` when there is no valid split."""
+    tr, va = split == "train", split == "valid"
+    scores = {}
+    for c in C_GRID:
+        if va.any():
+            scores[c] = accuracy_score(y[va], _linear(c).fit(X[tr], y[tr]).predict(X[va]))
+        else:
+            counts = np.unique(y[tr], return_counts=True)[1]
+            k = int(min(3, counts.min())) if len(counts) > 1 else 0
+            if k < 2:
+                return 1.0
+            folds = StratifiedKFold(k, shuffle=True, random_state=0).split(X[tr], y[tr])
+            Xt, yt = X[tr], y[tr]
+            scores[c] = np.mean([accuracy_score(yt[b], _linear(c).fit(Xt[a], yt[a]).predict(Xt[b])) for a, b in folds])
+    return max(C_GRID, key=lambda c: (scores[c], -abs(np.log10(c))))
+
+
+def run_probes(X: np.ndarray, y: np.ndarray, split: np.ndarray, eval_split: str = "test") -> list[dict]:
+    """Linear and kNN probes: fit on train(+valid), report accuracy / macro-F1 on `eval_split`.
+
+    With eval_split="valid" (sweeps) the probes fit on train only and test is never touched.
+    """
+    fit = (split == "train") | ((split == "valid") if eval_split == "test" else False)
+    ev = split == eval_split
+    if not ev.any():
+        raise TaskError(f"no '{eval_split}' rows to evaluate on")
+    c = select_c(X[split != "test"], y[split != "test"], split[split != "test"]) if eval_split == "test" \
+        else select_c(X[split == "train"], y[split == "train"], split[split == "train"])
+    rows = []
+    lin = _linear(c).fit(X[fit], y[fit])
+    pred = lin.predict(X[ev])
+    rows.append({"probe": "linear", "accuracy": float(accuracy_score(y[ev], pred)),
+                 "macro_f1": float(f1_score(y[ev], pred, average="macro")), "C": c})
+    k = int(min(KNN_K, fit.sum()))
+    knn = KNeighborsClassifier(n_neighbors=k, metric="cosine", weights="distance").fit(X[fit], y[fit])
+    pred = knn.predict(X[ev])
+    rows.append({"probe": "knn", "accuracy": float(accuracy_score(y[ev], pred)),
+                 "macro_f1": float(f1_score(y[ev], pred, average="macro")), "k": k})
+    return rows
+
+
+def markdown_table(rows: list[dict], task: str) -> str:
+    lines = [f"| task | model | probe | accuracy | macro-F1 |", "| --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {task} | {r['model']} | {r['probe']} | {r['accuracy']:.3f} | {r['macro_f1']:.3f} |")
+    return "\n".join(lines)

@@ -1,0 +1,100 @@
+"""Ray Train DDP pretraining: 2-worker run, checkpoints, fault injection + exact resume, resubmission."""
+import json
+from pathlib import Path
+
+import pytest
+
+from service import checkpoint as ckpt
+from service.config import load_config
+from service.model import AudioJEPA
+from service.optim import build_optimizer, tau_at
+from service.train import run_pretraining
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local")]
+
+SMALL = ["model.width=64", "model.depth=2", "model.heads=2", "model.pred_width=32", "model.pred_depth=1",
+         "model.pred_heads=2", "train.batch_size=8", "train.log_every=5", "optim.warmup_steps=5"]
+
+
+def cfg_for(source, storage, name, **over):
+    sets = SMALL + [f"data.source={source}", f"checkpoint.storage_path={storage}", f"run_name={name}"]
+    return load_config("tiny", sets + [f"{k}={v}" for k, v in over.items()])
+
+
+def checkpoints(storage: Path, name: str) -> list[Path]:
+    return sorted(p for p in (storage / name).glob("checkpoint_*") if (p / ckpt.MARKER).exists())
+
+
+def test_two_worker_run_completes_and_checkpoints(clean_corpus_dir, tmp_path):
+    cfg = cfg_for(clean_corpus_dir, tmp_path, "two", **{"train.workers": 2, "train.steps": 20,
+                                                         "checkpoint.every_steps": 10, "checkpoint.keep": 5})
+    summary = run_pretraining(cfg)
+    assert summary["status"] == "succeeded", summary["error"]
+    assert summary["final_step"] == 20
+    assert [p.name for p in checkpoints(tmp_path, "two")] == ["checkpoint_00000010", "checkpoint_00000020"]
+    state = ckpt.load_state(summary["checkpoint"])
+    assert state["step"] == 20
+    assert ckpt.config_of(state).train.workers == 2
+    m = summary["metrics"]
+    for key in ("loss", "lr", "wd", "tau", "grad_norm", "mask_ratio", "clips_per_s", "data_wait_fraction",
+                "target_std", "target_erank"):
+        assert key in m, key
+    assert m["tau"] == pytest.approx(1.0)
+    assert summary["data"]["files"] == 6 and summary["data"]["skipped"] == {}
+
+
+def test_fault_injection_resumes_exactly_and_resubmission_continues(clean_corpus_dir, tmp_path):
+    over = {"train.workers": 2, "train.steps": 30, "checkpoint.every_steps": 10, "checkpoint.keep": 10,
+            "failure.inject_kill_at_step": 15, "failure.inject_kill_rank": 1, "failure.max_failures": 2}
+    cfg = cfg_for(clean_corpus_dir, tmp_path, "fault", **over)
+    summary = run_pretraining(cfg)
+    assert summary["status"] == "succeeded", summary["error"]
+    assert summary["final_step"] == 30
+    assert (tmp_path / "fault" / "fault_injected_at_step_15").exists()
+    resumes = [json.loads(p.read_text()) for p in sorted((tmp_path / "fault" / "resumes").glob("*.json"))]
+    assert [r["step"] for r in resumes] == [10], resumes
+    # the restored state equals the checkpoint it came from: weights, optimiser, step, tau
+    state = ckpt.load_state(tmp_path / "fault" / "checkpoint_00000010")
+    model = AudioJEPA(cfg)
+    opt = build_optimizer(model, cfg.optim)
+    step, _ = ckpt.restore(state, model, opt)
+    expected = ckpt.fingerprint(model, opt)
+    for k, v in expected.items():
+        assert resumes[0][k] == pytest.approx(v, rel=1e-9, abs=1e-9), k
+    assert resumes[0]["tau"] == pytest.approx(tau_at(10, 30, cfg.ema)) and step == 10
+    # the run's history was not restarted: checkpoints 10, 20, 30 exist once each
+    assert [p.name for p in checkpoints(tmp_path, "fault")] == [f"checkpoint_{s:08d}" for s in (10, 20, 30)]
+
+    # resubmitting the finished run name resumes from step 30 and trains nothing more
+    again = run_pretraining(cfg_for(clean_corpus_dir, tmp_path, "fault", **over))
+    assert again["status"] == "succeeded" and again["final_step"] == 30
+    resumes = sorted(json.loads(p.read_text())["step"] for p in (tmp_path / "fault" / "resumes").glob("*.json"))
+    assert resumes == [10, 30]
+    assert [p.name for p in checkpoints(tmp_path, "fault")][-1] == "checkpoint_00000030"
+
+
+def test_resubmitting_a_crashed_run_resumes(clean_corpus_dir, tmp_path):
+    # first submission dies for good at step 12 (no retries left) after checkpointing step 10
+    over = {"train.steps": 20, "checkpoint.every_steps": 10, "failure.max_failures": 0,
+            "failure.inject_kill_at_step": 12}
+    crashed = run_pretraining(cfg_for(clean_corpus_dir, tmp_path, "crash", **over))
+    assert crashed["status"] == "failed"
+    assert [p.name for p in checkpoints(tmp_path, "crash")] == ["checkpoint_00000010"]
+    resumed = run_pretraining(cfg_for(clean_corpus_dir, tmp_path, "crash", **over))
+    assert resumed["status"] == "succeeded", resumed["error"]
+    assert resumed["final_step"] == 20
+    steps = [json.loads(p.read_text())["step"] for p in (tmp_path / "crash" / "resumes").glob("*.json")]
+    assert steps == [10]
+
+
+def test_incomplete_checkpoint_is_refused(tmp_path):
+    cfg = load_config("tiny", SMALL)
+    model = AudioJEPA(cfg)
+    d = ckpt.save(tmp_path / "c", cfg, model, build_optimizer(model, cfg.optim), 5, 0)
+    assert ckpt.load_state(d)["step"] == 5
+    (d / ckpt.STATE).write_bytes((d / ckpt.STATE).read_bytes()[:-100])  # crash mid-write
+    with pytest.raises(ckpt.CheckpointError, match="checksum"):
+        ckpt.load_state(d)
+    (d / ckpt.MARKER).unlink()
+    with pytest.raises(ckpt.CheckpointError, match="not a complete checkpoint"):
+        ckpt.load_state(d)
