@@ -217,7 +217,11 @@ class MlflowConfig:
     tracking_uri: str = ""          # "" = $MLFLOW_TRACKING_URI, else tracking is off
     experiment: str = "audio-jepa"
     registered_model: str = ""      # "" = do not register
-    alias: str = "latest"
+    alias: str = "current"          # MLflow reserves "latest" (models:/NAME/latest is already the newest)
+
+    def validate(self) -> None:
+        _check(self.alias.lower() != "latest" and bool(self.alias), "mlflow.alias", self.alias,
+               "a non-empty alias other than 'latest' (reserved by MLflow)")
 
 
 @dataclass

@@ -156,6 +156,8 @@ def _pyfunc_class():
             self.encoder = _load_encoder_file(context.artifacts["encoder"], "cpu")
 
         def predict(self, context, model_input, params=None):
+            if isinstance(model_input, dict):  # named tensor input {"waveform": [B, samples]}
+                model_input = model_input.get("waveform", next(iter(model_input.values())))
             x = model_input.to_numpy() if hasattr(model_input, "to_numpy") else np.asarray(model_input)
             return self.encoder.embed(torch.as_tensor(np.asarray(x, dtype=np.float32))).numpy()
 

@@ -49,7 +49,7 @@ def _maybe_inject_fault(cfg: Config, step: int, rank: int) -> None:
         return  # already injected once
     except (FileNotFoundError, OSError):
         pass
-    write_bytes(marker, str(time.time()).encode(), cfg.data.s3_endpoint)
+    write_bytes(marker, json.dumps({"step": step, "rank": rank, "time": time.time()}).encode(), cfg.data.s3_endpoint)
     import ray.train
     ray.train.get_all_reported_checkpoints()  # a rehearsal kills after the last checkpoint is registered
     print(f"[fault injection] killing worker rank {rank} at step {step}", flush=True)
@@ -80,16 +80,15 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     model = AudioJEPA(cfg).to(device)
     opt = build_optimizer(model, cfg.optim)
     step, epoch = 0, 0
+    resume_record = None
     restored = ray.train.get_checkpoint()
     if restored is not None:
         with restored.as_directory() as d:
             step, epoch = ckpt.restore(ckpt.load_state(d, map_location=device), model, opt)
         if rank == 0:
             print(f"resumed from checkpoint at step {step}", flush=True)
-            record = {"step": step, "epoch": epoch, "tau": tau_at(step, cfg.train.steps, cfg.ema),
-                      "time": time.time(), **ckpt.fingerprint(model, opt)}
-            write_bytes(join(cfg.checkpoint.storage_path, f"{cfg.run_name}/resumes/step_{step:08d}_{int(time.time())}.json"),
-                        json.dumps(record).encode(), cfg.data.s3_endpoint)
+            resume_record = {"step": step, "epoch": epoch, "tau": tau_at(step, cfg.train.steps, cfg.ema),
+                             "restored_time": time.time(), **ckpt.fingerprint(model, opt)}
     core = model
     model = ray.train.torch.prepare_model(model) if world > 1 else model
     trainable = [p for p in core.parameters() if p.requires_grad]
@@ -169,6 +168,12 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
         window["gnorm"].append(float(gnorm))
         window["ratio"].append(m.ratio)
         window["clips"] += per_worker * world
+        if resume_record is not None:  # written after the first step: it also times the recovery
+            resume_record["first_step_time"] = time.time()
+            write_bytes(join(cfg.checkpoint.storage_path,
+                             f"{cfg.run_name}/resumes/step_{resume_record['step']:08d}_{int(time.time())}.json"),
+                        json.dumps(resume_record).encode(), cfg.data.s3_endpoint)
+            resume_record = None
 
         last = step == total
         do_log = step % cfg.train.log_every == 0 or last
@@ -207,6 +212,10 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
         report(metrics, with_ckpt=do_ckpt)
 
     if step_start >= total:  # resubmitted after it finished: nothing to train
+        if resume_record is not None:
+            write_bytes(join(cfg.checkpoint.storage_path,
+                             f"{cfg.run_name}/resumes/step_{resume_record['step']:08d}_{int(time.time())}.json"),
+                        json.dumps(resume_record).encode(), cfg.data.s3_endpoint)
         ray.train.report({"step": step, "already_finished": 1})
 
 

@@ -53,7 +53,7 @@ def test_one_run_with_params_metrics_artifacts_despite_failure(trained, mlflow_s
     for key in ("tau", "lr", "target_erank", "target_std", "mask_ratio", "clips_per_s", "data_wait_fraction"):
         assert c.get_metric_history(run.info.run_id, key), key
     arts = {a.path for a in c.list_artifacts(run.info.run_id)}
-    assert {"config.yaml", "masks.png", "history.png", "encoder"} <= arts
+    assert {"config.yaml", "masks.png", "history.png"} <= arts
     assert (run.data.tags["audio_jepa.checkpoint"]).endswith("checkpoint_00000020")
 
 
@@ -62,7 +62,7 @@ def test_registered_version_tags_and_alias(trained, mlflow_server):
     cfg, summary = trained
     reg = summary["registered_model"]
     c = MlflowClient(mlflow_server)
-    mv = c.get_model_version_by_alias(NAME, "latest")
+    mv = c.get_model_version_by_alias(NAME, "current")
     assert mv.version == reg["version"]
     assert mv.tags["run_id"] == summary["mlflow_run_id"] and mv.tags["steps"] == "20"
     assert mv.tags["config_hash"] == cfg.hash() and mv.tags["data_source"] == cfg.data.source
@@ -79,7 +79,7 @@ def test_registered_model_loads_in_fresh_process_and_matches_training_encoder(tr
     wav = np.random.default_rng(0).standard_normal((3, 40000)).astype(np.float32) * 0.1
     np.save(tmp_path / "wav.npy", wav)
     code = ("import numpy as np, sys; from service.registry import load_encoder; "
-            f"e = load_encoder('models:/{NAME}@latest', 'cpu'); "
+            f"e = load_encoder('models:/{NAME}@current', 'cpu'); "
             f"x = np.load('{tmp_path}/wav.npy'); f, t = e.embed_frames(x); "
             f"np.save('{tmp_path}/clip.npy', e.embed(x).numpy()); np.save('{tmp_path}/frames.npy', f.numpy()); "
             "print(e.sample_rate, e.embedding_dim, 'ray' in sys.modules)")
@@ -112,7 +112,7 @@ def test_embedding_api_any_length(trained):
 
 def test_pyfunc_serving_returns_embeddings(trained, mlflow_server, tmp_path):
     import mlflow.pyfunc
-    uri = f"models:/{NAME}@latest"
+    uri = f"models:/{NAME}@current"
     model = mlflow.pyfunc.load_model(uri)
     out = model.predict(np.random.default_rng(1).standard_normal((2, 16000)).astype(np.float32))
     assert np.asarray(out).shape == (2, 64)
