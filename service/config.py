@@ -186,6 +186,7 @@ class TrainConfig:
     log_every: int = 10
     threads_per_worker: int = 0     # torch intra-op threads; 0 = cpus_per_worker
     max_nonfinite: int = 3          # consecutive non-finite losses before the run stops
+    min_erank: float = 0.0          # stop as "collapsed" when the target effective rank falls below (0 = never)
 
     def validate(self) -> None:
         _check(self.steps >= 1, "train.steps", self.steps, ">= 1")
@@ -210,6 +211,22 @@ class FailureConfig:
     max_failures: int = 3
     inject_kill_at_step: int = 0    # > 0: kill worker inject_kill_rank once at this step (rehearsals/tests)
     inject_kill_rank: int = 0
+
+
+@dataclass
+class ProbeConfig:
+    """Downstream probe run during pretraining on a labeled task's train/valid splits (never test).
+
+    Its `probe_score` (valid accuracy) is logged like any metric and is what sweeps optimise.
+    """
+    task: str = ""                  # task dir or s3:// prefix with manifest.csv; "" = no probe
+    every_steps: int = 0            # 0 = only at the end of the run
+    kind: str = "knn"               # knn | linear: which valid accuracy is `probe_score`
+    max_clips: int = 800            # cap on train+valid clips held in memory
+
+    def validate(self) -> None:
+        _check(self.kind in ("knn", "linear"), "probe.kind", self.kind, "knn or linear")
+        _check(self.every_steps >= 0, "probe.every_steps", self.every_steps, ">= 0")
 
 
 @dataclass
@@ -238,6 +255,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     failure: FailureConfig = field(default_factory=FailureConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 
     def validate(self) -> "Config":

@@ -203,3 +203,29 @@ def markdown_table(rows: list[dict], task: str) -> str:
     for r in rows:
         lines.append(f"| {task} | {r['model']} | {r['probe']} | {r['accuracy']:.3f} | {r['macro_f1']:.3f} |")
     return "\n".join(lines)
+
+
+class TrainingProbe:
+    """The probe run inside pretraining: train/valid clips of a task loaded once, scored on valid."""
+
+    def __init__(self, task_uri: str, sample_rate: int, kind: str = "knn", max_clips: int = 800,
+                 endpoint: str | None = None, seed: int = 0):
+        task = load_task(task_uri, endpoint)
+        idx = [i for i, s in enumerate(task.splits) if s in ("train", "valid")]
+        if not any(task.splits[i] == "valid" for i in idx):
+            raise TaskError(f"task {task_uri}: the training probe scores on 'valid', and there are no valid rows")
+        if len(idx) > max_clips:
+            idx = sorted(np.random.default_rng(seed).choice(idx, max_clips, replace=False).tolist())
+        sub = Task(task.uri, [task.paths[i] for i in idx], [task.labels[i] for i in idx],
+                   [task.splits[i] for i in idx], task.manifest_sha)
+        self.wavs, keep = load_audio(sub, sample_rate, endpoint)
+        self.y = np.asarray(sub.labels)[keep]
+        self.split = np.asarray(sub.splits)[keep]
+        self.kind, self.name = kind, task.name
+
+    def score(self, encoder) -> dict[str, float]:
+        """{probe_score, probe_knn_acc, probe_linear_acc} on valid (fit on train)."""
+        rows = run_probes(encoder_features(encoder, self.wavs), self.y, self.split, eval_split="valid")
+        out = {f"probe_{r['probe']}_acc": r["accuracy"] for r in rows}
+        out["probe_score"] = out[f"probe_{self.kind}_acc"]
+        return out

@@ -49,10 +49,8 @@ def start_or_resume(cfg: Config, extra_tags: dict | None = None, parent_run_id: 
     c = client(uri)
     exp = experiment_id(c, cfg.mlflow.experiment)
     key = run_key(cfg)
-    found = c.search_runs([exp], filter_string=f"tags.`{RUN_KEY}` = '{key}'", max_results=1,
-                          order_by=["attributes.start_time DESC"])
-    if found:
-        run_id = found[0].info.run_id
+    run_id = find_run(cfg)
+    if run_id:
         c.update_run(run_id, status="RUNNING")
         log.info("resuming MLflow run %s (%s)", run_id, key)
         return run_id
@@ -62,6 +60,18 @@ def start_or_resume(cfg: Config, extra_tags: dict | None = None, parent_run_id: 
     run = c.create_run(exp, run_name=cfg.run_name, tags=tags)
     log_params(c, run.info.run_id, cfg.flat())
     return run.info.run_id
+
+
+def find_run(cfg: Config) -> str | None:
+    """The MLflow run of this pretraining run (storage path + run name), if it exists."""
+    uri = tracking_uri(cfg)
+    c = client(uri)
+    exp = c.get_experiment_by_name(cfg.mlflow.experiment)
+    if exp is None:
+        return None
+    found = c.search_runs([exp.experiment_id], filter_string=f"tags.`{RUN_KEY}` = '{run_key(cfg)}'",
+                          max_results=1, order_by=["attributes.start_time DESC"])
+    return found[0].info.run_id if found else None
 
 
 def log_params(c, run_id: str, params: dict) -> None:

@@ -113,6 +113,15 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
                                    f"there are fewer than {per_worker} clips")
 
     stream = batches()
+    probe = None
+    if cfg.probe.task and rank == 0:
+        from service.probe import TrainingProbe
+        probe = TrainingProbe(cfg.probe.task, cfg.features.sample_rate, cfg.probe.kind, cfg.probe.max_clips,
+                              cfg.data.s3_endpoint, cfg.seed)
+        print(f"probe: {len(probe.wavs)} clips of task {probe.name} (score: valid {cfg.probe.kind} accuracy)",
+              flush=True)
+    collapsed = False
+    probe_last = 0.0 if cfg.probe.task else None
     window = {"t0": time.time(), "wait": 0.0, "clips": 0, "losses": [], "gnorm": [], "ratio": []}
     nonfinite = 0
     t_start, step_start = time.time(), step
@@ -176,7 +185,8 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
             resume_record = None
 
         last = step == total
-        do_log = step % cfg.train.log_every == 0 or last
+        do_probe = cfg.probe.task and ((cfg.probe.every_steps and step % cfg.probe.every_steps == 0) or last)
+        do_log = step % cfg.train.log_every == 0 or last or do_probe
         do_ckpt = step % cfg.checkpoint.every_steps == 0 or last
         if not (do_log or do_ckpt):
             continue
@@ -190,6 +200,26 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
                    "clips_per_s": window["clips"] / elapsed, "data_wait_fraction": window["wait"] / elapsed,
                    "epoch": epoch, "step": step, **collapse_stats(h)}
         window = {"t0": time.time(), "wait": 0.0, "clips": 0, "losses": [], "gnorm": [], "ratio": []}
+        if cfg.train.min_erank > 0:  # collapse: any rank's target embeddings below the rank floor
+            flag = torch.tensor([float(metrics["target_erank"] < cfg.train.min_erank)], device=device)
+            if world > 1:
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            collapsed = flag.item() > 0
+            metrics["collapsed"] = float(collapsed)
+            do_ckpt = do_ckpt or collapsed
+        if probe_last is not None:
+            metrics["probe_score"] = probe_last  # every report carries a score for the early stopper
+        if do_probe:
+            if rank == 0:
+                from service.registry import AudioEncoder
+                t_probe = time.time()
+                enc = AudioEncoder(cfg, core.target_encoder.state_dict(), device)
+                metrics.update(probe.score(enc))
+                window["t0"] += time.time() - t_probe  # probing is not training time
+            scores = torch.tensor([metrics.get("probe_score", 0.0)], device=device)
+            if world > 1:
+                dist.broadcast(scores, src=0)
+            metrics["probe_score"] = probe_last = scores.item()
         if rank == 0:
             if ledger is not None:
                 import ray
@@ -209,7 +239,12 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
                   flush=True)
             if uri and run_id:
                 tracking.log_metrics(uri, run_id, metrics, step)
+        if collapsed and rank == 0:
+            print(f"collapsed at step {step}: target effective rank {metrics['target_erank']:.2f} < "
+                  f"train.min_erank={cfg.train.min_erank}; stopping", flush=True)
         report(metrics, with_ckpt=do_ckpt)
+        if collapsed:
+            break
 
     if step_start >= total:  # resubmitted after it finished: nothing to train
         if resume_record is not None:
@@ -219,8 +254,11 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
         ray.train.report({"step": step, "already_finished": 1})
 
 
-def run_pretraining(cfg: Config, progress=print) -> dict:
-    """Driver: list the source, build the stream, run TorchTrainer, return the summary dict."""
+def run_pretraining(cfg: Config, progress=print, parent_run_id: str | None = None, callbacks=None) -> dict:
+    """Driver: list the source, build the stream, run TorchTrainer, return the summary dict.
+
+    `parent_run_id` nests the MLflow run (sweeps); `callbacks` are Ray Train callbacks (Tune reporting).
+    """
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -234,7 +272,7 @@ def run_pretraining(cfg: Config, progress=print) -> dict:
              f"({listing.ignored_by_extension} other files ignored, {len(listing.too_large)} too large)")
     ledger = DataLedger.remote(len(listing.files) + len(listing.too_large), [f.uri for f in listing.too_large])
     dataset = build_dataset(cfg, listing, ledger)
-    run_id = tracking.start_or_resume(cfg)
+    run_id = tracking.start_or_resume(cfg, parent_run_id=parent_run_id)
     uri = tracking.tracking_uri(cfg)
     storage_path, storage_fs = ray_storage(cfg.checkpoint.storage_path, cfg.data.s3_endpoint, cfg.data.s3_region)
 
@@ -246,7 +284,8 @@ def run_pretraining(cfg: Config, progress=print) -> dict:
         run_config=ray.train.RunConfig(
             name=cfg.run_name, storage_path=storage_path, storage_filesystem=storage_fs,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.failure.max_failures)),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.failure.max_failures),
+            callbacks=callbacks or None),
         datasets={"train": dataset},
     )
     status, error = "succeeded", None
@@ -270,6 +309,8 @@ def run_pretraining(cfg: Config, progress=print) -> dict:
         marker = ckpt.read_marker(result.checkpoint)
         summary["final_step"] = marker["step"]
         summary["metrics"] = marker.get("metrics", {})
+    if status == "succeeded" and summary["metrics"].get("collapsed"):
+        summary.update(status="collapsed", error=f"representation collapse at step {summary['final_step']}")
     if status == "succeeded":
         problem = check_skips(totals, cfg.data.max_skip_fraction)
         if problem:

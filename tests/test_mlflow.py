@@ -1,10 +1,12 @@
 """MLflow: one run per pretraining run (also across failures), registry + aliases, loading models
 in a fresh process, pyfunc serving, HEAR and X-ARES adapters."""
 import json
+import os
 import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -84,7 +86,7 @@ def test_registered_model_loads_in_fresh_process_and_matches_training_encoder(tr
             f"np.save('{tmp_path}/clip.npy', e.embed(x).numpy()); np.save('{tmp_path}/frames.npy', f.numpy()); "
             "print(e.sample_rate, e.embedding_dim, 'ray' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         env={**__import__("os").environ, "MLFLOW_TRACKING_URI": mlflow_server})
+                         env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_server})
     assert out.returncode == 0, out.stderr[-2000:]
     sr, dim, used_ray = out.stdout.split()[-3:]
     assert (int(sr), int(dim), used_ray) == (16000, 64, "False")
@@ -117,9 +119,11 @@ def test_pyfunc_serving_returns_embeddings(trained, mlflow_server, tmp_path):
     out = model.predict(np.random.default_rng(1).standard_normal((2, 16000)).astype(np.float32))
     assert np.asarray(out).shape == (2, 64)
     port = free_port()
-    mlflow_bin = str(__import__("pathlib").Path(sys.executable).parent / "mlflow")
+    mlflow_bin = str(Path(sys.executable).parent / "mlflow")
     proc = start_group([mlflow_bin, "models", "serve", "-m", uri, "--env-manager", "local", "-h", "127.0.0.1",
-                        "-p", str(port)], tmp_path / "serve.log", env={"MLFLOW_TRACKING_URI": mlflow_server})
+                        "-p", str(port)], tmp_path / "serve.log",
+                       env={"MLFLOW_TRACKING_URI": mlflow_server,  # serve execs uvicorn from PATH
+                            "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"})
     try:
         wait_http(f"http://127.0.0.1:{port}/ping", timeout=120, proc=proc)
         body = json.dumps({"inputs": (np.random.default_rng(2).standard_normal((3, 8000)) * 0.1).tolist()}).encode()

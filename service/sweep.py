@@ -1,0 +1,265 @@
+"""Ray Tune sweeps over pretraining settings (mask ratio, geometry, EMA tau, any dotted key).
+
+Each trial is a full `run_pretraining` (TorchTrainer, own checkpoints, own nested MLflow run) scored
+by the downstream probe on the task's valid split — not by JEPA loss, which is not comparable
+across mask ratios or geometries.  Metrics reach Tune through Ray Train's TuneReportCallback so
+ASHA can stop weak trials; a collapsed trial ends itself and is recorded as collapsed.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from service import tracking
+from service.config import Config, ConfigError, _build, load_config, resolve_path
+
+TUNING_DIR = Path(__file__).resolve().parents[1] / "tuning"
+
+
+@dataclass
+class SearchConfig:
+    algorithm: str = "grid"          # grid | optuna (TPE)
+    num_samples: int = 1             # grid: repeats of every point; optuna: number of trials
+    params: dict = field(default_factory=dict)  # dotted key -> {grid: [...]} | {choice|uniform|loguniform: ...}
+
+
+@dataclass
+class SchedulerConfig:
+    type: str = "asha"               # asha | none
+    grace_period: int = 1            # probe evaluations before a trial may be stopped
+    reduction_factor: int = 2
+
+
+@dataclass
+class SweepConfig:
+    name: str = "sweep"
+    base_config: str = "tiny"
+    set: dict = field(default_factory=dict)      # dotted overrides for every trial
+    search: SearchConfig = field(default_factory=SearchConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    max_concurrent: int = 0           # 0 = as many as the cluster's CPUs fit
+    register_alias: str = "sweep-best"
+
+
+def load_sweep(path_or_name: str, overrides: list[str] | None = None) -> tuple[SweepConfig, Config]:
+    p = Path(path_or_name)
+    if not p.exists() and (TUNING_DIR / f"{path_or_name}.yaml").exists():
+        p = TUNING_DIR / f"{path_or_name}.yaml"
+    if not p.exists():
+        raise ConfigError(f"sweep config not found: {path_or_name}")
+    raw = yaml.safe_load(p.read_text()) or {}
+    sweep = _build(SweepConfig, raw)
+    if sweep.search.algorithm not in ("grid", "optuna"):
+        raise ConfigError(f"config key 'search.algorithm' = {sweep.search.algorithm!r}: expected grid or optuna")
+    if sweep.scheduler.type not in ("asha", "none"):
+        raise ConfigError(f"config key 'scheduler.type' = {sweep.scheduler.type!r}: expected asha or none")
+    if not sweep.search.params:
+        raise ConfigError("config key 'search.params' is empty: nothing to sweep")
+    sets = [f"{k}={json.dumps(v)}" for k, v in sweep.set.items()] + list(overrides or [])
+    base = load_config(str(resolve_path(sweep.base_config)) if sweep.base_config.endswith((".yaml", ".yml"))
+                       else sweep.base_config, sets)
+    if not base.probe.task:
+        raise ConfigError("sweeps are scored by a downstream probe: set probe.task (a labeled task with a valid split)")
+    if base.probe.every_steps <= 0:
+        raise ConfigError("sweeps need probe.every_steps > 0 so the early stopper sees intermediate scores")
+    for key in sweep.search.params:  # every swept key must be a real config key
+        load_config(base.to_dict(), [f"{key}={json.dumps(_example(sweep.search.params[key], key))}"])
+    return sweep, base
+
+
+def _example(spec: Any, key: str) -> Any:
+    if not isinstance(spec, dict) or len(spec) != 1:
+        raise ConfigError(f"search.params.{key}: expected one of {{grid|choice: [...]}}, {{uniform|loguniform: [lo, hi]}}")
+    kind, v = next(iter(spec.items()))
+    if kind in ("grid", "choice"):
+        return v[0]
+    if kind in ("uniform", "loguniform"):
+        return float(v[0])
+    raise ConfigError(f"search.params.{key}: unknown distribution {kind!r}")
+
+
+def param_space(sweep: SweepConfig) -> tuple[dict, Any]:
+    """(Tune param_space, search_alg or None)."""
+    from ray import tune
+    space = {}
+    for key, spec in sweep.search.params.items():
+        kind, v = next(iter(spec.items()))
+        if sweep.search.algorithm == "grid":
+            if kind != "grid":
+                raise ConfigError(f"search.params.{key}: grid search needs {{grid: [...]}}, got {kind}")
+            space[key] = tune.grid_search(v)
+        else:
+            space[key] = {"grid": tune.choice, "choice": tune.choice}.get(kind, None)(v) if kind in ("grid", "choice") \
+                else tune.uniform(*v) if kind == "uniform" else tune.loguniform(*v)
+    if sweep.search.algorithm == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+        return space, OptunaSearch(metric="probe_score", mode="max", seed=0)
+    return space, None
+
+
+def trial_config(base: Config, params: dict, trial_name: str) -> Config:
+    sets = [f"{k}={json.dumps(v)}" for k, v in params.items()] + [f"run_name={trial_name}"]
+    return load_config(base.to_dict(), sets)
+
+
+def run_trial(tune_config: dict) -> dict:
+    """Tune function trainable: one full pretraining run, metrics forwarded by TuneReportCallback."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from service.train import run_pretraining
+    base = load_config(tune_config["__base"])
+    params = {k: v for k, v in tune_config.items() if not k.startswith("__")}
+    ctx = ray.tune.get_context()
+    cfg = trial_config(base, params, f"{tune_config['__sweep']}-{ctx.get_trial_id()}")
+    cfg.mlflow.registered_model = ""  # only the best trial is registered, by the sweep driver
+    summary = run_pretraining(cfg, parent_run_id=tune_config.get("__parent_run_id"),
+                              callbacks=[TuneReportCallback()])
+    m = summary.get("metrics", {})
+    return {"final_step": summary.get("final_step") or 0, "status": summary["status"],
+            "probe_score": m.get("probe_score", float("nan")), "collapsed": float(summary["status"] == "collapsed"),
+            "checkpoint": summary.get("checkpoint"), "mlflow_run_id": summary.get("mlflow_run_id"),
+            "done": True}
+
+
+def run_sweep(sweep: SweepConfig, base: Config, progress=print) -> dict:
+    import ray
+    from ray import tune
+
+    uri = tracking.tracking_uri(base)
+    parent = None
+    if uri:
+        key_cfg = load_config(base.to_dict(), [f"run_name=sweep-{sweep.name}"])
+        parent = tracking.start_or_resume(key_cfg, extra_tags={"audio_jepa.sweep": sweep.name})
+    storage = _tune_storage(base)
+    space, search_alg = param_space(sweep)
+    space.update({"__base": base.to_dict(), "__sweep": sweep.name, "__parent_run_id": parent})
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    per_trial = base.train.workers * base.train.cpus_per_worker + 1  # + one for Ray Data
+    concurrent = sweep.max_concurrent or max(1, cpus // per_trial)
+    scheduler = None
+    if sweep.scheduler.type == "asha":
+        from ray.tune.schedulers import ASHAScheduler
+        scheduler = ASHAScheduler(time_attr="step", max_t=base.train.steps,
+                                  grace_period=max(1, sweep.scheduler.grace_period * max(base.probe.every_steps, 1)),
+                                  reduction_factor=sweep.scheduler.reduction_factor)
+    trainable = tune.with_resources(run_trial, {"CPU": 0})
+    path = os.path.join(storage, sweep.name)
+    run_config = tune.RunConfig(name=sweep.name, storage_path=storage,
+                                failure_config=tune.FailureConfig(max_failures=0))
+    if tune.Tuner.can_restore(path):
+        progress(f"resuming sweep {sweep.name} from {path} (finished trials are not re-run)")
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True,
+                                   param_space=space)
+    else:
+        progress(f"sweep {sweep.name}: {sweep.search.algorithm} search, up to {concurrent} trial(s) at a time")
+        tuner = tune.Tuner(trainable, param_space=space, run_config=run_config,
+                           tune_config=tune.TuneConfig(metric="probe_score", mode="max", scheduler=scheduler,
+                                                       search_alg=search_alg, num_samples=sweep.search.num_samples,
+                                                       max_concurrent_trials=concurrent))
+    results = tuner.fit()
+    rows = trial_rows(results, sweep, base)
+    summary = {"status": "succeeded", "sweep": sweep.name, "mlflow_run_id": parent, "trials": rows,
+               "storage": path}
+    best = max((r for r in rows if r["status"] in ("finished", "early_stopped") and not math.isnan(r["probe_score"])),
+               key=lambda r: r["probe_score"], default=None)
+    summary["best"] = best
+    if uri and parent:
+        _log_sweep_artifacts(uri, parent, rows, sweep)
+        if best and best["checkpoint"] and base.mlflow.registered_model:
+            from service.registry import register_run
+            best_cfg = trial_config(base, best["params"], best["run_name"])
+            summary["registered_model"] = register_run(best_cfg, best["mlflow_run_id"], best["checkpoint"],
+                                                       alias=sweep.register_alias)
+        tracking.finish(uri, parent)
+    return summary
+
+
+def _tune_storage(base: Config) -> str:
+    from service.storage import is_remote
+    sp = base.checkpoint.storage_path
+    if is_remote(sp):
+        return sp.rstrip("/") + "/sweeps"
+    return os.path.abspath(os.path.join(sp, "sweeps"))
+
+
+def trial_rows(results, sweep: SweepConfig, base: Config) -> list[dict]:
+    from service.checkpoint import latest_checkpoint
+    uri = tracking.tracking_uri(base)
+    rows = []
+    for r in results:
+        params = {k: v for k, v in (r.config or {}).items() if not k.startswith("__")}
+        m = r.metrics or {}
+        cfg = trial_config(base, params, f"{sweep.name}-{m.get('trial_id', '')}")
+        step = int(m.get("final_step") or m.get("step") or 0)
+        if r.error is not None:
+            status = "failed"
+        elif m.get("collapsed"):
+            status = "collapsed"
+        elif step < base.train.steps:
+            status = "early_stopped"
+        else:
+            status = "finished"
+        hist = r.metrics_dataframe
+        best = float(hist["probe_score"].max()) if hist is not None and "probe_score" in hist else float("nan")
+        run_id = m.get("mlflow_run_id") or (tracking.find_run(cfg) if uri else None)
+        rows.append({"run_name": cfg.run_name, "params": params, "status": status, "step": step,
+                     "probe_score": float(m.get("probe_score", float("nan"))), "best_probe_score": best,
+                     "mlflow_run_id": run_id, "checkpoint": m.get("checkpoint") or latest_checkpoint(cfg),
+                     "error": str(r.error)[:300] if r.error else None})
+    return rows
+
+
+def _log_sweep_artifacts(uri: str, run_id: str, rows: list[dict], sweep: SweepConfig) -> None:
+    """results.csv and probe score vs mask ratio (one line per geometry) on the parent run."""
+    import tempfile
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = sorted({k for r in rows for k in r["params"]})
+    with tempfile.TemporaryDirectory() as tmp:
+        csv_path = os.path.join(tmp, "results.csv")
+        with open(csv_path, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["run_name", *keys, "status", "step", "probe_score", "best_probe_score", "mlflow_run_id"])
+            for r in rows:
+                w.writerow([r["run_name"], *[r["params"].get(k) for k in keys], r["status"], r["step"],
+                            r["probe_score"], r["best_probe_score"], r["mlflow_run_id"]])
+        tracking.log_artifact(uri, run_id, csv_path)
+        fig, ax = plt.subplots(figsize=(6, 4))
+        by_geom: dict[str, list] = {}
+        for r in rows:
+            ratio = r["params"].get("masking.ratio")
+            if isinstance(ratio, list):
+                ratio = sum(ratio) / 2
+            by_geom.setdefault(str(r["params"].get("masking.geometry", "configured")), []).append(
+                (ratio if ratio is not None else float("nan"), r["best_probe_score"], r["status"]))
+        for g, pts in sorted(by_geom.items()):
+            pts = sorted(p for p in pts if p[0] == p[0])
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=g)
+                for x, y, st in pts:
+                    if st in ("collapsed", "early_stopped", "failed"):
+                        ax.annotate(st, (x, y), fontsize=7)
+        ax.set_xlabel("mask ratio")
+        ax.set_ylabel("probe score (valid accuracy)")
+        ax.set_title(f"sweep {sweep.name}")
+        ax.legend()
+        fig.tight_layout()
+        png = os.path.join(tmp, "probe_vs_mask_ratio.png")
+        fig.savefig(png, dpi=90)
+        plt.close(fig)
+        tracking.log_artifact(uri, run_id, png)
+        for r in rows:
+            if r["status"] in ("finished", "early_stopped", "collapsed") and r["mlflow_run_id"]:
+                tracking.client(uri).set_tag(r["mlflow_run_id"], "audio_jepa.trial_status", r["status"])
+

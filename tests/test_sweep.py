@@ -1,0 +1,104 @@
+"""Ray Tune sweep: a 2x2 grid of full pretraining trials scored by a probe, interrupted and resumed,
+with nested MLflow runs, table + plot artifacts, a registered sweep-best, and collapsed trials
+reported as collapsed (not as failures)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from service.procs import stop_group
+from test_evaluate import make_task
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_grid_sweep_interrupted_resumed_nested_runs_and_best(clean_corpus_dir, tmp_path, mlflow_server):
+    from mlflow import MlflowClient
+    task = make_task(tmp_path / "task", per_split=(6, 4, 2))
+    sweep = {
+        "name": "grid2x2", "base_config": "tiny",
+        "set": {"model.width": 64, "model.depth": 2, "model.heads": 2, "model.pred_width": 32,
+                "model.pred_depth": 1, "model.pred_heads": 2, "train.batch_size": 8, "train.steps": 20,
+                "train.log_every": 10, "checkpoint.every_steps": 10, "probe.every_steps": 10,
+                "optim.warmup_steps": 5, "mlflow.experiment": "sweep-tests", "mlflow.registered_model": "jepa-sweep"},
+        "search": {"algorithm": "grid", "params": {"masking.geometry": {"grid": ["unstructured", "time"]},
+                                                   "train.min_erank": {"grid": [0.0, 1000.0]}}},
+        "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
+    }
+    cfg_path = tmp_path / "sweep.yaml"
+    cfg_path.write_text(yaml.safe_dump(sweep))
+    storage = tmp_path / "runs"
+    cmd = [sys.executable, "-m", "jobs.sweep", "--config", str(cfg_path), "--set", f"data.source={clean_corpus_dir}",
+           "--set", f"probe.task={task}", "--set", f"checkpoint.storage_path={storage}",
+           "--set", f"mlflow.tracking_uri={mlflow_server}", "--summary-json", str(tmp_path / "summary.json")]
+    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1", "RAY_ADDRESS": ""}
+    c = MlflowClient(mlflow_server)
+
+    def finished_trials():
+        exp = c.get_experiment_by_name("sweep-tests")
+        if exp is None:
+            return []
+        return [r for r in c.search_runs([exp.experiment_id], filter_string="tags.`mlflow.parentRunId` != ''")
+                if r.info.status == "FINISHED"]
+
+    # first attempt: interrupted (killed) once two trials have finished
+    first = subprocess.Popen(cmd, env=env, cwd=ROOT, start_new_session=True, stdout=open(tmp_path / "first.log", "w"),
+                             stderr=subprocess.STDOUT)
+    deadline = time.time() + 420
+    while time.time() < deadline and len(finished_trials()) < 2 and first.poll() is None:
+        time.sleep(2)
+    assert len(finished_trials()) >= 2, (tmp_path / "first.log").read_text()[-3000:]
+    time.sleep(4)  # let Tune persist the experiment state
+    done_before = {r.data.tags["mlflow.runName"] for r in finished_trials()}
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    stop_group(first.pid)
+
+    # second attempt: resumes, runs only the rest
+    out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "resuming sweep" in out.stdout + out.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    statuses = sorted(t["status"] for t in summary["trials"])
+    assert len(statuses) == 4
+    assert statuses.count("collapsed") == 2, statuses            # min_erank=1000: collapse at the first check
+    assert set(statuses) <= {"collapsed", "finished", "early_stopped"}, statuses
+    for t in summary["trials"]:
+        assert (t["status"] == "collapsed") == (t["params"]["train.min_erank"] == 1000.0)
+    # finished trials were not run again: no resume records in their run directories
+    for name in done_before:
+        assert not (storage / name / "resumes").exists(), f"{name} was re-run after the interruption"
+    # MLflow: one parent, exactly 4 nested trial runs, table + plot, registered best
+    exp = c.get_experiment_by_name("sweep-tests")
+    parent = summary["mlflow_run_id"]
+    nested = c.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
+    assert len(nested) == 4, [r.data.tags.get("mlflow.runName") for r in nested]
+    arts = {a.path for a in c.list_artifacts(parent)}
+    assert {"results.csv", "probe_vs_mask_ratio.png"} <= arts
+    best = summary["best"]
+    assert best["status"] in ("finished", "early_stopped") and best["params"]["train.min_erank"] == 0.0
+    mv = c.get_model_version_by_alias("jepa-sweep", "sweep-best")
+    assert mv.run_id == best["mlflow_run_id"]
+
+
+def test_trial_status_classification():
+    from types import SimpleNamespace
+
+    from service.config import load_config
+    from service.sweep import SweepConfig, trial_rows
+    base = load_config("tiny", ["train.steps=100", "mlflow.tracking_uri=", "checkpoint.storage_path=/nonexistent"])
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+    def result(step, collapsed=0.0, error=None):
+        return SimpleNamespace(config={"masking.ratio": 0.5}, error=error, metrics_dataframe=None,
+                               metrics={"step": step, "collapsed": collapsed, "probe_score": 0.5, "trial_id": "t"})
+    rows = trial_rows([result(100), result(40), result(30, collapsed=1.0), result(10, error=RuntimeError("x"))],
+                      SweepConfig(), base)
+    assert [r["status"] for r in rows] == ["finished", "early_stopped", "collapsed", "failed"]
