@@ -55,8 +55,10 @@ def init_ray(min_cpus: int = 1) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(runtime_env={"env_vars": env}, log_to_driver=True)
     else:
-        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, min_cpus), include_dashboard=False,
-                 runtime_env={"env_vars": env})
+        # the dashboard (127.0.0.1 only) serves the state API that Ray Train's placement-group
+        # cleaner needs; without it a finished run's CPUs stay reserved and later runs starve
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, min_cpus), include_dashboard=True,
+                 dashboard_host="127.0.0.1", runtime_env={"env_vars": env})
 
 
 def write_summary(path: Path | None, summary: dict) -> None:

@@ -40,8 +40,8 @@ def submit(env: dict, entrypoint: list[str], name: str) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=int(os.environ.get("DEMO_STEPS", 1200)),
-                   help="pretraining steps (default 1200: ~15 min on 2 cores)")
+    p.add_argument("--steps", type=int, default=int(os.environ.get("DEMO_STEPS", 1000)),
+                   help="pretraining steps (default 1000: ~15 min on 2 cores)")
     p.add_argument("--model-name", default="audio-jepa")
     args = p.parse_args(argv)
     t0 = time.time()
@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     step(f"3/5 pretraining ({args.steps} steps) via ray job submit")
     tasks = [f"{BUCKET}/corpus/tasks/instrument_family", f"{BUCKET}/corpus/tasks/spoken_digit"]
     submit(env, ["python", "-m", "jobs.pretrain", "--config", "tiny",
-                 "--set", f"data.source={BUCKET}/corpus/pretrain", "--set", f"train.steps={args.steps}",
+                 "--set", f"data.source={BUCKET}/corpus/pretrain", "--set", f"train.steps={args.steps}", "--set", f"train.threads_per_worker={os.cpu_count() or 1}",
                  "--set", f"checkpoint.storage_path={BUCKET}/runs", "--set", "run_name=demo-tiny",
                  "--set", f"mlflow.registered_model={args.model_name}", "--set", "mlflow.experiment=audio-jepa-demo",
                  "--set", f"probe.task={tasks[0]}", "--set", f"probe.every_steps={max(args.steps // 4, 1)}",

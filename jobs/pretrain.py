@@ -16,6 +16,8 @@ def main(argv: list[str] | None = None) -> int:
     config_args(p)
     args = p.parse_args(argv)
     cfg = load(args)
+    if not cfg.data.source:
+        die("data.source is empty: pass --set data.source=s3://bucket/prefix (or a local dir or a manifest)")
     setup_logging()
     from service.data import DataSourceError
     from service.train import run_pretraining

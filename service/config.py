@@ -32,8 +32,8 @@ class FeaturesConfig:
     win_ms: float = 25.0
     hop_ms: float = 10.0
     frontend: str = "mel"           # mel (batched torchaudio MelSpectrogram) | kaldi (Kaldi fbank)
-    mean: float = -6.0              # normalisation: (logmel - mean) / std
-    std: float = 4.0
+    mean: float = -11.8             # normalisation: (logmel - mean) / std (demo-corpus statistics)
+    std: float = 9.6
     patch_freq: int = 16
     patch_time: int = 16
 

@@ -109,19 +109,15 @@ def trial_config(base: Config, params: dict, trial_name: str) -> Config:
     return load_config(base.to_dict(), sets)
 
 
-def run_trial(tune_config: dict) -> dict:
+def run_trial(params: dict, base: dict, sweep_name: str, parent_run_id: str | None) -> dict:
     """Tune function trainable: one full pretraining run, metrics forwarded by TuneReportCallback."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from service.train import run_pretraining
-    base = load_config(tune_config["__base"])
-    params = {k: v for k, v in tune_config.items() if not k.startswith("__")}
-    ctx = ray.tune.get_context()
-    cfg = trial_config(base, params, f"{tune_config['__sweep']}-{ctx.get_trial_id()}")
+    cfg = trial_config(load_config(base), params, f"{sweep_name}-{ray.tune.get_context().get_trial_id()}")
     cfg.mlflow.registered_model = ""  # only the best trial is registered, by the sweep driver
-    summary = run_pretraining(cfg, parent_run_id=tune_config.get("__parent_run_id"),
-                              callbacks=[TuneReportCallback()])
+    summary = run_pretraining(cfg, parent_run_id=parent_run_id, callbacks=[TuneReportCallback()])
     m = summary.get("metrics", {})
     return {"final_step": summary.get("final_step") or 0, "status": summary["status"],
             "probe_score": m.get("probe_score", float("nan")), "collapsed": float(summary["status"] == "collapsed"),
@@ -140,7 +136,6 @@ def run_sweep(sweep: SweepConfig, base: Config, progress=print) -> dict:
         parent = tracking.start_or_resume(key_cfg, extra_tags={"audio_jepa.sweep": sweep.name})
     storage = _tune_storage(base)
     space, search_alg = param_space(sweep)
-    space.update({"__base": base.to_dict(), "__sweep": sweep.name, "__parent_run_id": parent})
     cpus = int(ray.cluster_resources().get("CPU", 1))
     per_trial = base.train.workers * base.train.cpus_per_worker + 1  # + one for Ray Data
     concurrent = sweep.max_concurrent or max(1, cpus // per_trial)
@@ -150,7 +145,9 @@ def run_sweep(sweep: SweepConfig, base: Config, progress=print) -> dict:
         scheduler = ASHAScheduler(time_attr="step", max_t=base.train.steps,
                                   grace_period=max(1, sweep.scheduler.grace_period * max(base.probe.every_steps, 1)),
                                   reduction_factor=sweep.scheduler.reduction_factor)
-    trainable = tune.with_resources(run_trial, {"CPU": 0})
+    trainable = tune.with_resources(  # the trial driver only waits on Train
+        tune.with_parameters(run_trial, base=base.to_dict(), sweep_name=sweep.name, parent_run_id=parent),
+        {"CPU": 0.01})
     path = os.path.join(storage, sweep.name)
     run_config = tune.RunConfig(name=sweep.name, storage_path=storage,
                                 failure_config=tune.FailureConfig(max_failures=0))
@@ -195,7 +192,7 @@ def trial_rows(results, sweep: SweepConfig, base: Config) -> list[dict]:
     uri = tracking.tracking_uri(base)
     rows = []
     for r in results:
-        params = {k: v for k, v in (r.config or {}).items() if not k.startswith("__")}
+        params = dict(r.config or {})
         m = r.metrics or {}
         cfg = trial_config(base, params, f"{sweep.name}-{m.get('trial_id', '')}")
         step = int(m.get("final_step") or m.get("step") or 0)

@@ -130,7 +130,7 @@ def ray_local():
     """An in-process Ray (address='local', never a cluster recorded on this machine)."""
     import ray
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+        ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False,
                  runtime_env={"env_vars": {k: os.environ[k] for k in
                                            ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}})
     yield ray
