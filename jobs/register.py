@@ -32,13 +32,8 @@ def main(argv=None) -> int:
     if not checkpoint:
         die(f"run {args.run} has no audio_jepa.checkpoint tag; pass --checkpoint")
     from service import checkpoint as ckpt
-    from service.registry import _local_checkpoint_dir
-    d, tmp = _local_checkpoint_dir(checkpoint)
-    try:
-        cfg = ckpt.config_of(ckpt.load_state(d))
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
+    from service.registry import checkpoint_state
+    cfg = ckpt.config_of(checkpoint_state(checkpoint))
     cfg.mlflow.tracking_uri = uri
     name = args.name or cfg.mlflow.registered_model
     if not name:

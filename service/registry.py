@@ -107,14 +107,15 @@ def _load_encoder_file(path: str | Path, device=None, source: str = "") -> Audio
     return AudioEncoder(config_from_dict(json.loads(blob["config"])), blob["target_encoder"], device, source)
 
 
-def _local_checkpoint_dir(uri: str) -> tuple[str, tempfile.TemporaryDirectory | None]:
+def checkpoint_state(uri: str) -> dict:
+    """Verified state of a checkpoint directory, local or s3:// (state.pt and its marker are fetched)."""
     if not uri.startswith("s3://"):
-        return uri, None
+        return ckpt.load_state(uri)
     from service.storage import read_bytes
-    tmp = tempfile.TemporaryDirectory()
-    for name in (ckpt.STATE, ckpt.MARKER):
-        Path(tmp.name, name).write_bytes(read_bytes(uri.rstrip("/") + "/" + name))
-    return tmp.name, tmp
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in (ckpt.STATE, ckpt.MARKER):
+            Path(tmp, name).write_bytes(read_bytes(uri.rstrip("/") + "/" + name))
+        return ckpt.load_state(tmp)
 
 
 def load_encoder(uri: str, device: str | torch.device | None = None) -> AudioEncoder:
@@ -129,12 +130,7 @@ def load_encoder(uri: str, device: str | torch.device | None = None) -> AudioEnc
     p = Path(uri)
     if p.is_file() and p.name == ENCODER_FILE:
         return _load_encoder_file(p, device, uri)
-    d, tmp = _local_checkpoint_dir(uri)
-    try:
-        state = ckpt.load_state(d)
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
+    state = checkpoint_state(uri)
     return AudioEncoder(ckpt.config_of(state), state["target_encoder"], device, uri)
 
 
@@ -194,12 +190,7 @@ def register_run(cfg: Config, run_id: str, checkpoint_uri: str, name: str | None
     uri = tracking_uri(cfg)
     name = name or cfg.mlflow.registered_model
     alias = alias or cfg.mlflow.alias
-    d, tmp = _local_checkpoint_dir(checkpoint_uri)
-    try:
-        state = ckpt.load_state(d)
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
+    state = checkpoint_state(checkpoint_uri)
     info = log_encoder_model(state, run_id, uri, registered_name=name)
     version = str(info.registered_model_version)
     c = MlflowClient(tracking_uri=uri)

@@ -324,7 +324,8 @@ def run_pretraining(cfg: Config, progress=print, parent_run_id: str | None = Non
             tracking.log_run_artifacts(cfg, run_id, _example_clip(cfg, listing))
         except Exception as e:  # artifacts are a convenience, never a reason to fail the run
             log.warning("could not log run artifacts: %s", e)
-        tracking.finish(uri, run_id, "FINISHED" if summary["status"] == "succeeded" else "FAILED")
+        c.set_tag(run_id, "audio_jepa.status", summary["status"])
+        tracking.finish(uri, run_id, "FAILED" if summary["status"] == "failed" else "FINISHED")
     if math.isnan(summary["metrics"].get("loss", 0.0)):
         summary["status"] = "failed"
     return summary

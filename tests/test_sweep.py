@@ -46,14 +46,15 @@ def test_grid_sweep_interrupted_resumed_nested_runs_and_best(clean_corpus_dir, t
         if exp is None:
             return []
         return [r for r in c.search_runs([exp.experiment_id], filter_string="tags.`mlflow.parentRunId` != ''")
-                if r.info.status == "FINISHED"]
+                if r.info.status != "RUNNING"]
 
     # first attempt: interrupted (killed) once two trials have finished
     first = subprocess.Popen(cmd, env=env, cwd=ROOT, start_new_session=True, stdout=open(tmp_path / "first.log", "w"),
                              stderr=subprocess.STDOUT)
     deadline = time.time() + 420
     while time.time() < deadline and len(finished_trials()) < 2 and first.poll() is None:
-        time.sleep(2)
+        time.sleep(1)
+    assert first.poll() is None, "the sweep finished before it could be interrupted"
     assert len(finished_trials()) >= 2, (tmp_path / "first.log").read_text()[-3000:]
     time.sleep(4)  # let Tune persist the experiment state
     done_before = {r.data.tags["mlflow.runName"] for r in finished_trials()}
