@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from service.procs import free_port, group_alive, start_group, stop_group, wait_http
+from service.procs import descendants, free_port, group_alive, group_members, start_group, stop_group, wait_http
 
 ROOT = Path(__file__).resolve().parents[1]
 STATE = Path(os.environ.get("AUDIO_JEPA_CLUSTER_DIR", ROOT / "var" / "cluster"))
@@ -116,36 +116,6 @@ def up(state: Path = STATE, num_cpus: int | None = None) -> dict[str, str]:
     return env
 
 
-def _descendants(roots: list[int]) -> list[int]:
-    """Every live process below the given pids (Ray starts job drivers in new sessions)."""
-    children: dict[int, list[int]] = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                ppid = int(Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(d))
-    out, stack = [], list(roots)
-    while stack:
-        for c in children.get(stack.pop(), []):
-            out.append(c)
-            stack.append(c)
-    return out
-
-
-def _group_members(pgid: int) -> list[int]:
-    out = []
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                if int(Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[2]) == pgid:
-                    out.append(int(d))
-            except (OSError, IndexError, ValueError):
-                continue
-    return out
-
-
 def down(state: Path = STATE) -> None:
     pids = _pids(state)
     if not pids:
@@ -154,9 +124,9 @@ def down(state: Path = STATE) -> None:
     # everything we started: the groups' members and all their descendants, collected before killing
     ours = set()
     for pgid in pids.values():
-        members = _group_members(pgid)
+        members = group_members(pgid)
         ours.update(members)
-        ours.update(_descendants(members))
+        ours.update(descendants(members))
     for name in ("ray", "mlflow", "s3"):
         if name in pids:
             print(f"stopping {name} (process group {pids[name]})", flush=True)

@@ -6,6 +6,7 @@ Running the same command again resumes an interrupted sweep without repeating fi
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -26,7 +27,19 @@ def main(argv=None) -> int:
     except ConfigError as e:
         die(str(e))
     setup_logging()
-    init_ray(min_cpus=base.train.workers * base.train.cpus_per_worker + 2)
+    import os
+    per_trial = base.train.workers * base.train.cpus_per_worker + 1  # + one for Ray Data
+    if not os.environ.get("RAY_ADDRESS"):
+        # a private local Ray: trials run as many at a time as the real cores fit, and logical CPUs are
+        # declared for every trial so a placement group left behind by a finished trial cannot starve
+        # the next one (Ray Train's own clean-up of it can lose a race when the trial actor exits)
+        if sweep.max_concurrent == 0:
+            sweep.max_concurrent = max(1, (os.cpu_count() or 1) // per_trial)
+        n_trials = sweep.search.num_samples * (math.prod(len(next(iter(p.values()))) for p in sweep.search.params.values())
+                                               if sweep.search.algorithm == "grid" else 1)
+        init_ray(min_cpus=min(per_trial * (n_trials + 1), 256))
+    else:
+        init_ray()
     summary = run_sweep(sweep, base)
     print(f"{'run':40s} {'params':60s} {'status':14s} {'step':>6s} {'probe':>7s}")
     for r in summary["trials"]:

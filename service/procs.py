@@ -85,3 +85,44 @@ def wait_http(url: str, timeout: float = 60.0, proc: subprocess.Popen | None = N
             last = e
         time.sleep(0.3)
     raise TimeoutError(f"{url} did not answer within {timeout:.0f} s ({last})")
+
+
+def descendants(roots: list[int]) -> list[int]:
+    """Every live process below the given pids (some start new sessions, e.g. Ray's)."""
+    children: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d))
+    out, stack = [], list(roots)
+    while stack:
+        for c in children.get(stack.pop(), []):
+            out.append(c)
+            stack.append(c)
+    return out
+
+
+def group_members(pgid: int) -> list[int]:
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                if int(Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[2]) == pgid:
+                    out.append(int(d))
+            except (OSError, IndexError, ValueError):
+                continue
+    return out
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process, its process group and every descendant (collected first), by pid."""
+    victims = {pid, *group_members(pid)}
+    victims.update(descendants(list(victims)))
+    for p in victims:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

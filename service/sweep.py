@@ -109,20 +109,52 @@ def trial_config(base: Config, params: dict, trial_name: str) -> Config:
     return load_config(base.to_dict(), sets)
 
 
-def run_trial(params: dict, base: dict, sweep_name: str, parent_run_id: str | None) -> dict:
+def run_trial(params: dict, base: dict, sweep_name: str, parent_run_id: str | None, exclusive: bool) -> dict:
     """Tune function trainable: one full pretraining run, metrics forwarded by TuneReportCallback."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
+    from ray.util import get_current_placement_group, placement_group_table
 
     from service.train import run_pretraining
     cfg = trial_config(load_config(base), params, f"{sweep_name}-{ray.tune.get_context().get_trial_id()}")
     cfg.mlflow.registered_model = ""  # only the best trial is registered, by the sweep driver
+    own = get_current_placement_group()
+    before = set(placement_group_table()) | ({own.id.hex()} if own else set())
     summary = run_pretraining(cfg, parent_run_id=parent_run_id, callbacks=[TuneReportCallback()])
+    _release_placement_groups(before, exclusive)
     m = summary.get("metrics", {})
     return {"final_step": summary.get("final_step") or 0, "status": summary["status"],
             "probe_score": m.get("probe_score", float("nan")), "collapsed": float(summary["status"] == "collapsed"),
             "checkpoint": summary.get("checkpoint"), "mlflow_run_id": summary.get("mlflow_run_id"),
             "done": True}
+
+
+def _release_placement_groups(before: set[str], exclusive: bool, wait_s: float = 20.0) -> None:
+    """Make sure the finished Train run's placement group is gone before the trial ends.
+
+    When the trial actor exits right after `fit()`, Ray Train's own clean-up can lose the race and
+    leave the worker group's CPUs reserved, which starves every later trial on a small machine.
+    We wait for it; when trials run one at a time (`exclusive`), any placement group created since
+    this trial started is this trial's and is removed.
+    """
+    import time
+
+    import ray
+    from ray.util import placement_group_table, remove_placement_group
+    from ray.util.placement_group import PlacementGroup
+
+    def left() -> list[str]:
+        return [k for k, v in placement_group_table().items() if k not in before and v["state"] == "CREATED"]
+
+    try:
+        deadline = time.time() + wait_s
+        while left() and time.time() < deadline:
+            time.sleep(0.5)
+        if exclusive:
+            for pg_id in left():
+                remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(pg_id)))
+    except Exception as e:  # never fail a finished trial over clean-up
+        print(f"placement-group clean-up after the trial failed: {e}", flush=True)
 
 
 def run_sweep(sweep: SweepConfig, base: Config, progress=print) -> dict:
@@ -146,7 +178,8 @@ def run_sweep(sweep: SweepConfig, base: Config, progress=print) -> dict:
                                   grace_period=max(1, sweep.scheduler.grace_period * max(base.probe.every_steps, 1)),
                                   reduction_factor=sweep.scheduler.reduction_factor)
     trainable = tune.with_resources(  # the trial driver only waits on Train
-        tune.with_parameters(run_trial, base=base.to_dict(), sweep_name=sweep.name, parent_run_id=parent),
+        tune.with_parameters(run_trial, base=base.to_dict(), sweep_name=sweep.name, parent_run_id=parent,
+                             exclusive=concurrent == 1),
         {"CPU": 0.01})
     path = os.path.join(storage, sweep.name)
     run_config = tune.RunConfig(name=sweep.name, storage_path=storage,

@@ -151,3 +151,21 @@ def test_hear_and_xares_adapters(trained):
     assert scene.shape == (3, model.scene_embedding_size)
     assert emb.shape[0] == 3 and emb.shape[2] == model.timestamp_embedding_size and ts.shape == emb.shape[:2]
     assert torch.allclose(ts[:, 1:] - ts[:, :-1], torch.tensor(model.hop_ms))
+
+
+def test_evaluate_registered_model_reports_baselines_and_logs_to_its_run(trained, mlflow_server, tmp_path):
+    from mlflow import MlflowClient
+
+    from test_evaluate import make_task
+    task = make_task(tmp_path / "bands", per_split=(8, 4, 4))
+    out = tmp_path / "eval.json"
+    r = subprocess.run([sys.executable, "-m", "jobs.evaluate", "--model-uri", f"models:/{NAME}@current",
+                        "--task", str(task), "--cache-dir", str(tmp_path / "cache"), "--summary-json", str(out)],
+                       capture_output=True, text=True, timeout=600, env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_server})
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads(out.read_text())
+    assert {(x["model"], x["probe"]) for x in s["results"]} == {(m, p) for m in ("jepa", "random", "logmel")
+                                                               for p in ("linear", "knn")}
+    run = MlflowClient(mlflow_server).get_run(trained[1]["mlflow_run_id"])
+    assert "eval.bands.jepa.linear.accuracy" in run.data.metrics
+    assert "eval.bands.logmel.knn.macro_f1" in run.data.metrics

@@ -3,7 +3,6 @@ with nested MLflow runs, table + plot artifacts, a registered sweep-best, and co
 reported as collapsed (not as failures)."""
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from service.procs import stop_group
+from service.procs import kill_tree
 from test_evaluate import make_task
 
 pytestmark = pytest.mark.slow
@@ -51,16 +50,17 @@ def test_grid_sweep_interrupted_resumed_nested_runs_and_best(clean_corpus_dir, t
     # first attempt: interrupted (killed) once two trials have finished
     first = subprocess.Popen(cmd, env=env, cwd=ROOT, start_new_session=True, stdout=open(tmp_path / "first.log", "w"),
                              stderr=subprocess.STDOUT)
-    deadline = time.time() + 420
-    while time.time() < deadline and len(finished_trials()) < 2 and first.poll() is None:
-        time.sleep(1)
-    assert first.poll() is None, "the sweep finished before it could be interrupted"
-    assert len(finished_trials()) >= 2, (tmp_path / "first.log").read_text()[-3000:]
-    time.sleep(4)  # let Tune persist the experiment state
-    done_before = {r.data.tags["mlflow.runName"] for r in finished_trials()}
-    os.killpg(first.pid, signal.SIGKILL)
-    first.wait()
-    stop_group(first.pid)
+    try:
+        deadline = time.time() + 420
+        while time.time() < deadline and len(finished_trials()) < 2 and first.poll() is None:
+            time.sleep(1)
+        assert first.poll() is None, "the sweep finished before it could be interrupted"
+        assert len(finished_trials()) >= 2, (tmp_path / "first.log").read_text()[-3000:]
+        time.sleep(4)  # let Tune persist the experiment state
+        done_before = {r.data.tags["mlflow.runName"] for r in finished_trials()}
+    finally:  # the sweep and the private Ray it started (its session), by process id
+        kill_tree(first.pid)
+        first.wait()
 
     # second attempt: resumes, runs only the rest
     out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)

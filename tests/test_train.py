@@ -25,31 +25,23 @@ def checkpoints(storage: Path, name: str) -> list[Path]:
     return sorted(p for p in (storage / name).glob("checkpoint_*") if (p / ckpt.MARKER).exists())
 
 
-def test_two_worker_run_completes_and_checkpoints(clean_corpus_dir, tmp_path):
-    cfg = cfg_for(clean_corpus_dir, tmp_path, "two", **{"train.workers": 2, "train.steps": 20,
-                                                         "checkpoint.every_steps": 10, "checkpoint.keep": 5})
+def test_fault_injection_resumes_exactly_and_resubmission_continues(clean_corpus_dir, tmp_path):
+    over = {"train.workers": 2, "train.steps": 30, "checkpoint.every_steps": 10, "checkpoint.keep": 10,
+            "failure.inject_kill_at_step": 15, "failure.inject_kill_rank": 1, "failure.max_failures": 2}
+    cfg = cfg_for(clean_corpus_dir, tmp_path, "fault", **over)
     summary = run_pretraining(cfg)
+    # a 2-worker CPU run completes and checkpoints, with every metric
     assert summary["status"] == "succeeded", summary["error"]
-    assert summary["final_step"] == 20
-    assert [p.name for p in checkpoints(tmp_path, "two")] == ["checkpoint_00000010", "checkpoint_00000020"]
+    assert summary["final_step"] == 30
     state = ckpt.load_state(summary["checkpoint"])
-    assert state["step"] == 20
-    assert ckpt.config_of(state).train.workers == 2
+    assert state["step"] == 30 and ckpt.config_of(state).train.workers == 2
     m = summary["metrics"]
     for key in ("loss", "lr", "wd", "tau", "grad_norm", "mask_ratio", "clips_per_s", "data_wait_fraction",
                 "target_std", "target_erank"):
         assert key in m, key
     assert m["tau"] == pytest.approx(1.0)
     assert summary["data"]["files"] == 6 and summary["data"]["skipped"] == {}
-
-
-def test_fault_injection_resumes_exactly_and_resubmission_continues(clean_corpus_dir, tmp_path):
-    over = {"train.workers": 2, "train.steps": 30, "checkpoint.every_steps": 10, "checkpoint.keep": 10,
-            "failure.inject_kill_at_step": 15, "failure.inject_kill_rank": 1, "failure.max_failures": 2}
-    cfg = cfg_for(clean_corpus_dir, tmp_path, "fault", **over)
-    summary = run_pretraining(cfg)
-    assert summary["status"] == "succeeded", summary["error"]
-    assert summary["final_step"] == 30
+    # the injected failure happened and was recovered from
     assert (tmp_path / "fault" / "fault_injected_at_step_15").exists()
     resumes = [json.loads(p.read_text()) for p in sorted((tmp_path / "fault" / "resumes").glob("*.json"))]
     assert [r["step"] for r in resumes] == [10], resumes
