@@ -64,7 +64,10 @@ def up(state: Path = STATE, num_cpus: int | None = None) -> dict[str, str]:
     if not token_file.exists():
         token_file.write_text(secrets.token_hex(32))
     os.chmod(token_file, 0o600)
-    ports = {k: free_port() for k in ("gcs", "dashboard", "mlflow", "s3", "client", "metrics")}
+    ports: dict[str, int] = {}
+    for k in ("gcs", "dashboard", "mlflow", "s3", "client", "metrics", "agent_http", "agent_grpc", "runtime_env",
+              "node_manager", "object_manager"):
+        ports[k] = free_port(exclude=set(ports.values()))
     env = {
         "RAY_ADDRESS": f"http://127.0.0.1:{ports['dashboard']}",
         "RAY_GCS_ADDRESS": f"127.0.0.1:{ports['gcs']}",
@@ -99,6 +102,12 @@ def up(state: Path = STATE, num_cpus: int | None = None) -> dict[str, str]:
                                f"--port={ports['gcs']}", "--dashboard-host=127.0.0.1",
                                f"--dashboard-port={ports['dashboard']}", f"--ray-client-server-port={ports['client']}",
                                f"--metrics-export-port={ports['metrics']}", f"--temp-dir={temp_dir}",
+                               # every port free and our own: a second Ray on the machine must not collide
+                               f"--dashboard-agent-listen-port={ports['agent_http']}",
+                               f"--dashboard-agent-grpc-port={ports['agent_grpc']}",
+                               f"--runtime-env-agent-port={ports['runtime_env']}",
+                               f"--node-manager-port={ports['node_manager']}",
+                               f"--object-manager-port={ports['object_manager']}",
                                f"--num-cpus={num_cpus or max(4, os.cpu_count() or 1)}", "--disable-usage-stats"],
                               logs / "ray.log", env=head_env).pid
     (state / "pids.json").write_text(json.dumps(pids))
@@ -111,9 +120,26 @@ def up(state: Path = STATE, num_cpus: int | None = None) -> dict[str, str]:
         print(f"a service did not start; logs in {logs}", file=sys.stderr)
         down(state)
         raise
+    _wait_jobs_ready(env, logs)
     (state / "env").write_text("".join(f"export {k}='{v}'\n" for k, v in env.items()))
     print_status(state)
     return env
+
+
+def _wait_jobs_ready(env: dict, logs: Path, timeout: float = 180.0) -> None:
+    """The dashboard answers before its job agent can take jobs: submit a no-op job until one succeeds."""
+    import subprocess
+    deadline = time.time() + timeout
+    full = {**os.environ, **env}
+    while True:
+        r = subprocess.run([bin_path("ray"), "job", "submit", "--address", env["RAY_ADDRESS"], "--", "true"],
+                           env=full, capture_output=True, text=True, timeout=120)
+        if r.returncode == 0:
+            return
+        if time.time() > deadline:
+            raise RuntimeError(f"Ray job submission not ready after {timeout:.0f} s: {r.stderr[-500:]} "
+                               f"(logs in {logs})")
+        time.sleep(2)
 
 
 def down(state: Path = STATE) -> None:

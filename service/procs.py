@@ -10,13 +10,13 @@ import urllib.request
 from pathlib import Path
 
 
-def free_port() -> int:
+def free_port(exclude: set[int] | None = None) -> int:
     """A free TCP port on 127.0.0.1 (never 5000, MLflow's default, which moto also wants)."""
     while True:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        if port != 5000:
+        if port != 5000 and port not in (exclude or set()):
             return port
 
 
