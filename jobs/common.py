@@ -29,6 +29,14 @@ def load(args) -> Config:
         die(str(e))
 
 
+def tracking_uri_or_die(explicit: str | None) -> str:
+    """--tracking-uri, else $MLFLOW_TRACKING_URI; a clear error when neither is set."""
+    uri = explicit or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        die("no tracking server: pass --tracking-uri or set MLFLOW_TRACKING_URI")
+    return uri
+
+
 def die(msg: str, code: int = 2):
     print(f"error: {msg}", file=sys.stderr, flush=True)
     sys.exit(code)

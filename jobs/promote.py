@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-from jobs.common import die
+from jobs.common import die, tracking_uri_or_die
 
 
 def main(argv=None) -> int:
@@ -15,9 +14,7 @@ def main(argv=None) -> int:
     p.add_argument("--alias", default="champion")
     p.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI")
     args = p.parse_args(argv)
-    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if not uri:
-        die("no tracking server: pass --tracking-uri or set MLFLOW_TRACKING_URI")
+    uri = tracking_uri_or_die(args.tracking_uri)
     from service.registry import promote
     try:
         promote(args.name, args.version, args.alias, uri)

@@ -8,7 +8,7 @@ import argparse
 import json
 import sys
 
-from jobs.common import die
+from jobs.common import die, tracking_uri_or_die
 
 
 def main(argv=None) -> int:
@@ -19,14 +19,10 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoint", help="checkpoint dir (default: the run's final checkpoint)")
     p.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI")
     args = p.parse_args(argv)
-    import os
-
     from mlflow import MlflowClient
 
     from service.registry import register_run
-    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if not uri:
-        die("no tracking server: pass --tracking-uri or set MLFLOW_TRACKING_URI")
+    uri = tracking_uri_or_die(args.tracking_uri)
     run = MlflowClient(tracking_uri=uri).get_run(args.run)
     checkpoint = args.checkpoint or run.data.tags.get("audio_jepa.checkpoint")
     if not checkpoint:

@@ -195,13 +195,5 @@ def build_dataset(cfg: Config, listing: Listing, ledger=None, passes: int | None
                           num_cpus=1)
 
 
-def decode_file_locally(uri: str, cfg: Config, epoch: int = 0, key: str | None = None) -> list[np.ndarray]:
-    """The same decode+crop path without Ray (naive baseline, tests)."""
-    wav = decode(read_bytes(uri, cfg.data.s3_endpoint, cfg.data.s3_region), cfg.features.sample_rate,
-                 cfg.data.max_channels, cfg.data.min_seconds)
-    return crops(wav, cfg.features.clip_samples, cfg.data.crops_per_file,
-                 crop_rng(cfg.seed, epoch, key or os.path.basename(uri)))
-
-
 __all__ = ["Listing", "DataLedger", "DataSourceError", "list_source", "build_dataset", "clips_from_files",
            "epoch_order", "check_skips", "passes_needed"]

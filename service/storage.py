@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from urllib.parse import quote, urlparse
+from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
@@ -115,12 +115,3 @@ def ray_storage(uri: str, endpoint: str | None = None, region: str | None = None
         fs, path = resolve(uri, endpoint, region)
         return path, fs
     return os.path.abspath(os.path.expanduser(uri)), None
-
-
-def s3_uri_with_endpoint(uri: str, endpoint: str | None) -> str:
-    """s3://b/p?endpoint_override=...&scheme=... form understood by pyarrow.fs.FileSystem.from_uri."""
-    endpoint = s3_endpoint(endpoint)
-    if not endpoint or not is_remote(uri):
-        return uri
-    u = urlparse(endpoint if "://" in endpoint else f"http://{endpoint}")
-    return f"{uri}?endpoint_override={quote(u.netloc, safe='')}&scheme={u.scheme}"

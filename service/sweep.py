@@ -96,8 +96,8 @@ def param_space(sweep: SweepConfig) -> tuple[dict, Any]:
                 raise ConfigError(f"search.params.{key}: grid search needs {{grid: [...]}}, got {kind}")
             space[key] = tune.grid_search(v)
         else:
-            space[key] = {"grid": tune.choice, "choice": tune.choice}.get(kind, None)(v) if kind in ("grid", "choice") \
-                else tune.uniform(*v) if kind == "uniform" else tune.loguniform(*v)
+            space[key] = {"grid": tune.choice, "choice": tune.choice, "uniform": lambda x: tune.uniform(*x),
+                          "loguniform": lambda x: tune.loguniform(*x)}[kind](v)
     if sweep.search.algorithm == "optuna":
         from ray.tune.search.optuna import OptunaSearch
         return space, OptunaSearch(metric="probe_score", mode="max", seed=0)

@@ -56,6 +56,12 @@ def _maybe_inject_fault(cfg: Config, step: int, rank: int) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _write_resume_record(cfg: Config, record: dict) -> None:
+    """<storage>/<run>/resumes/step_<S>_<time>.json: where a run resumed, with state checksums."""
+    name = f"{cfg.run_name}/resumes/step_{record['step']:08d}_{int(time.time())}.json"
+    write_bytes(join(cfg.checkpoint.storage_path, name), json.dumps(record).encode(), cfg.data.s3_endpoint)
+
+
 def _fmt_eta(seconds: float) -> str:
     seconds = int(max(seconds, 0))
     h, rem = divmod(seconds, 3600)
@@ -178,10 +184,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
         window["ratio"].append(m.ratio)
         window["clips"] += per_worker * world
         if resume_record is not None:  # written after the first step: it also times the recovery
-            resume_record["first_step_time"] = time.time()
-            write_bytes(join(cfg.checkpoint.storage_path,
-                             f"{cfg.run_name}/resumes/step_{resume_record['step']:08d}_{int(time.time())}.json"),
-                        json.dumps(resume_record).encode(), cfg.data.s3_endpoint)
+            _write_resume_record(cfg, {**resume_record, "first_step_time": time.time()})
             resume_record = None
 
         last = step == total
@@ -248,9 +251,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
 
     if step_start >= total:  # resubmitted after it finished: nothing to train
         if resume_record is not None:
-            write_bytes(join(cfg.checkpoint.storage_path,
-                             f"{cfg.run_name}/resumes/step_{resume_record['step']:08d}_{int(time.time())}.json"),
-                        json.dumps(resume_record).encode(), cfg.data.s3_endpoint)
+            _write_resume_record(cfg, resume_record)
         ray.train.report({"step": step, "already_finished": 1})
 
 
