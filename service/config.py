@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -394,7 +395,18 @@ def load_config(name_or_path: str | dict | None = None, overrides: list[str] | N
             raise ConfigError(f"--set {item!r}: expected key.sub=value")
         key, val = item.split("=", 1)
         _set_dotted(raw, key.strip(), yaml.safe_load(val) if val.strip() else "")
-    return _build(Config, raw).validate()
+    cfg = _build(Config, raw).validate()
+    # local paths are made absolute here, in the process that was given them: trials and Ray workers
+    # run in other directories
+    cfg.data.source = _absolute(cfg.data.source)
+    cfg.probe.task = _absolute(cfg.probe.task)
+    cfg.checkpoint.storage_path = _absolute(cfg.checkpoint.storage_path)
+    return cfg
+
+
+def _absolute(uri: str) -> str:
+    """A local path made absolute; URIs (s3://…) and "" unchanged."""
+    return uri if not uri or "://" in uri else os.path.abspath(os.path.expanduser(uri))
 
 
 def config_from_dict(d: dict) -> Config:

@@ -34,6 +34,17 @@ def test_config_rejects_unknown_and_bad_keys():
     assert load_config("base").features.grid == (6, 32)
 
 
+def test_config_makes_local_paths_absolute(tmp_path, monkeypatch):
+    # trials and Ray workers run in other directories: a relative path must mean the caller's
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config("tiny", ["data.source=corpus/pretrain", "probe.task=tasks/t1",
+                               "checkpoint.storage_path=s3://bucket/runs"])
+    assert cfg.data.source == str(tmp_path / "corpus" / "pretrain")
+    assert cfg.probe.task == str(tmp_path / "tasks" / "t1")
+    assert cfg.checkpoint.storage_path == "s3://bucket/runs"
+    assert load_config("tiny").probe.task == ""
+
+
 # --- front end ----------------------------------------------------------------------
 @pytest.mark.parametrize("frontend", ["mel", "kaldi"])
 def test_logmel_shapes_and_silence_is_finite(frontend):
