@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from jobs.common import init_ray, quiet_ray_data, setup_logging
+from jobs.common import init_ray, setup_logging
 
 
 def table(rows: list[tuple[str, str]]) -> str:
@@ -243,6 +243,7 @@ def main(argv=None) -> int:
     setup_logging()
     if args.what in ("data", "train") and not args.source:
         p.error(f"{args.what} needs --source")
+    from service.data import quiet_ray_data
     quiet_ray_data()
     {"model": bench_model, "data": bench_data, "train": bench_train}[args.what](args)
     return 0

@@ -57,7 +57,6 @@ def init_ray(min_cpus: int = 1) -> None:
     import ray
     if ray.is_initialized():
         return
-    quiet_ray_data()
     env = {k: os.environ[k] for k in PASS_ENV if k in os.environ}
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if os.environ.get("RAY_ADDRESS"):
@@ -77,12 +76,3 @@ def write_summary(path: Path | None, summary: dict) -> None:
     print("summary: " + json.dumps({k: summary.get(k) for k in ("status", "run_name", "final_step", "checkpoint",
                                                                   "mlflow_run_id", "registered_model")},
                                    default=str), flush=True)
-
-
-def quiet_ray_data() -> None:
-    """Our own progress line replaces Ray Data's per-operator progress bars."""
-    import ray.data
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.enable_operator_progress_bars = False
-    ctx.print_on_execution_start = False

@@ -21,14 +21,14 @@ def main(argv=None) -> int:
     p.add_argument("--summary-json", type=Path)
     args = p.parse_args(argv)
     from service.config import ConfigError
-    from service.sweep import load_sweep, run_sweep
+    from service.sweep import load_sweep, run_sweep, trial_cpus
     try:
         sweep, base = load_sweep(args.config, args.overrides)
     except ConfigError as e:
         die(str(e))
     setup_logging()
     import os
-    per_trial = base.train.workers * base.train.cpus_per_worker + 1  # + one for Ray Data
+    per_trial = trial_cpus(base)
     if not os.environ.get("RAY_ADDRESS"):
         # a private local Ray: trials run as many at a time as the real cores fit, and logical CPUs are
         # declared for every trial so a placement group left behind by a finished trial cannot starve

@@ -81,12 +81,14 @@ class DataConfig:
     max_skip_fraction: float = 0.5  # fail the run when more files than this are bad
     features_in: str = "pipeline"   # pipeline (CPU, Ray Data) | trainer (in the train step, e.g. on GPU)
     read_retries: int = 5           # transient S3 errors
+    concurrency: int = 0            # decode tasks at once; 0 = as many as free CPUs (sweeps: 1 per trial)
 
     def validate(self) -> None:
         _check(self.features_in in ("pipeline", "trainer"), "data.features_in", self.features_in,
                "pipeline or trainer")
         _check(self.crops_per_file >= 1, "data.crops_per_file", self.crops_per_file, ">= 1")
         _check(0 <= self.max_skip_fraction <= 1, "data.max_skip_fraction", self.max_skip_fraction, "in [0, 1]")
+        _check(self.concurrency >= 0, "data.concurrency", self.concurrency, ">= 0")
 
 
 @dataclass

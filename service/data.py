@@ -180,9 +180,18 @@ def clips_from_files(batch: dict[str, np.ndarray], features: FeaturesConfig, dat
     return {"x": x, "epoch": np.asarray(epochs, dtype=np.int64)}
 
 
+def quiet_ray_data() -> None:
+    """Our own training log line replaces Ray Data's per-operator progress bars (a line per update in logs)."""
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.enable_operator_progress_bars = False
+    ctx.print_on_execution_start = False
+
+
 def build_dataset(cfg: Config, listing: Listing, ledger=None, passes: int | None = None,
                   start_epoch: int = 0) -> "ray.data.Dataset":
     """The streaming clip dataset for `passes` passes over the listing, each in its own order."""
+    quiet_ray_data()  # here, so that datasets built in a sweep's trial process are quiet too
     passes = passes or passes_needed(cfg, len(listing.files))
     rows = []
     for e in range(start_epoch, start_epoch + passes):
@@ -192,8 +201,8 @@ def build_dataset(cfg: Config, listing: Listing, ledger=None, passes: int | None
     ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // 8, 4096)))
     return ds.map_batches(clips_from_files, batch_size=4, batch_format="numpy",
                           fn_kwargs=dict(features=cfg.features, data=cfg.data, seed=cfg.seed, ledger=ledger),
-                          num_cpus=1)
+                          num_cpus=1, concurrency=cfg.data.concurrency or None)
 
 
-__all__ = ["Listing", "DataLedger", "DataSourceError", "list_source", "build_dataset", "clips_from_files",
+__all__ = ["quiet_ray_data", "Listing", "DataLedger", "DataSourceError", "list_source", "build_dataset", "clips_from_files",
            "epoch_order", "check_skips", "passes_needed"]

@@ -104,6 +104,16 @@ def param_space(sweep: SweepConfig) -> tuple[dict, Any]:
     return space, None
 
 
+def data_cpus(base: Config) -> int:
+    """Decode tasks per trial: left unbounded, Ray Data would take every free CPU of the cluster."""
+    return base.data.concurrency or 1
+
+
+def trial_cpus(base: Config) -> int:
+    """Logical CPUs one trial uses: its Train workers and its Ray Data decode tasks."""
+    return base.train.workers * base.train.cpus_per_worker + data_cpus(base)
+
+
 def trial_config(base: Config, params: dict, trial_name: str) -> Config:
     sets = [f"{k}={json.dumps(v)}" for k, v in params.items()] + [f"run_name={trial_name}"]
     return load_config(base.to_dict(), sets)
@@ -168,9 +178,9 @@ def run_sweep(sweep: SweepConfig, base: Config, progress=print) -> dict:
         parent = tracking.start_or_resume(key_cfg, extra_tags={"audio_jepa.sweep": sweep.name})
     storage = _tune_storage(base)
     space, search_alg = param_space(sweep)
+    base = load_config(base.to_dict(), [f"data.concurrency={data_cpus(base)}"])  # trials share the cluster
     cpus = int(ray.cluster_resources().get("CPU", 1))
-    per_trial = base.train.workers * base.train.cpus_per_worker + 1  # + one for Ray Data
-    concurrent = sweep.max_concurrent or max(1, cpus // per_trial)
+    concurrent = sweep.max_concurrent or max(1, cpus // trial_cpus(base))
     scheduler = None
     if sweep.scheduler.type == "asha":
         from ray.tune.schedulers import ASHAScheduler

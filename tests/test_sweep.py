@@ -34,8 +34,9 @@ def test_grid_sweep_interrupted_resumed_nested_runs_and_best(clean_corpus_dir, t
     cfg_path = tmp_path / "sweep.yaml"
     cfg_path.write_text(yaml.safe_dump(sweep))
     storage = tmp_path / "runs"
+    # probe.task relative to the caller's directory: trials run elsewhere and must still find it
     cmd = [sys.executable, "-m", "jobs.sweep", "--config", str(cfg_path), "--set", f"data.source={clean_corpus_dir}",
-           "--set", f"probe.task={task}", "--set", f"checkpoint.storage_path={storage}",
+           "--set", f"probe.task={os.path.relpath(task, ROOT)}", "--set", f"checkpoint.storage_path={storage}",
            "--set", f"mlflow.tracking_uri={mlflow_server}", "--summary-json", str(tmp_path / "summary.json")]
     env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1", "RAY_ADDRESS": ""}
     c = MlflowClient(mlflow_server)
@@ -81,6 +82,8 @@ def test_grid_sweep_interrupted_resumed_nested_runs_and_best(clean_corpus_dir, t
     parent = summary["mlflow_run_id"]
     nested = c.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
     assert len(nested) == 4, [r.data.tags.get("mlflow.runName") for r in nested]
+    # each trial's decode tasks are bounded (else one trial's Ray Data takes every CPU of the cluster)
+    assert {r.data.params["data.concurrency"] for r in nested} == {"1"}
     arts = {a.path for a in c.list_artifacts(parent)}
     assert {"results.csv", "probe_vs_mask_ratio.png"} <= arts
     best = summary["best"]
