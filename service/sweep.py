@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from ray.tune import Callback
 
 from service import tracking
 from service.config import Config, ConfigError, _build, load_config, resolve_path
@@ -193,7 +194,8 @@ def run_sweep(sweep: SweepConfig, base: Config, progress=print) -> dict:
         {"CPU": 0.01})
     path = os.path.join(storage, sweep.name)
     run_config = tune.RunConfig(name=sweep.name, storage_path=storage,
-                                failure_config=tune.FailureConfig(max_failures=0))
+                                failure_config=tune.FailureConfig(max_failures=0),
+                                callbacks=[CloseStoppedTrialRuns(base, sweep.name)])
     if tune.Tuner.can_restore(path):
         progress(f"resuming sweep {sweep.name} from {path} (finished trials are not re-run)")
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True,
@@ -230,6 +232,48 @@ def _tune_storage(base: Config) -> str:
     return os.path.abspath(os.path.join(sp, "sweeps"))
 
 
+def trial_status(last_result: dict, errored: bool, steps: int) -> str:
+    step = int(last_result.get("final_step") or last_result.get("step") or 0)
+    if errored or last_result.get("status") == "failed":  # raised, or run_pretraining reported failure
+        return "failed"
+    if last_result.get("collapsed"):
+        return "collapsed"
+    return "early_stopped" if step < steps else "finished"
+
+
+class CloseStoppedTrialRuns(Callback):
+    """Closes the MLflow run of a trial that Tune stopped (ASHA, or its `max_t` at the last step).
+
+    A stopped trial's process is killed mid-run, before `run_pretraining` can tag, log artifacts and
+    terminate its run, which would otherwise show as RUNNING for ever.
+    """
+
+    def __init__(self, base: Config, sweep_name: str):
+        self.base, self.sweep_name = base, sweep_name
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._close(trial, errored=False)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._close(trial, errored=True)
+
+    def _close(self, trial, errored: bool) -> None:
+        from service.checkpoint import latest_checkpoint
+        result = trial.last_result or {}
+        if "final_step" in result or not tracking.tracking_uri(self.base):
+            return  # the trial returned: run_pretraining closed its run
+        try:
+            cfg = trial_config(self.base, trial.config, f"{self.sweep_name}-{trial.trial_id}")
+            run_id = tracking.find_run(cfg)
+            if run_id and tracking.client(tracking.tracking_uri(cfg)).get_run(run_id).info.status == "RUNNING":
+                status = trial_status(result, errored, cfg.train.steps)
+                # in run_pretraining's words: a trial stopped at its last step did succeed
+                tracking.close_run(cfg, run_id, "succeeded" if status == "finished" else status,
+                                   checkpoint=latest_checkpoint(cfg))
+        except Exception as e:  # never fail the sweep over bookkeeping
+            print(f"could not close the MLflow run of trial {trial.trial_id}: {e}", flush=True)
+
+
 def trial_rows(results, sweep: SweepConfig, base: Config) -> list[dict]:
     from service.checkpoint import latest_checkpoint
     uri = tracking.tracking_uri(base)
@@ -239,14 +283,7 @@ def trial_rows(results, sweep: SweepConfig, base: Config) -> list[dict]:
         m = r.metrics or {}
         cfg = trial_config(base, params, f"{sweep.name}-{m.get('trial_id', '')}")
         step = int(m.get("final_step") or m.get("step") or 0)
-        if r.error is not None:
-            status = "failed"
-        elif m.get("collapsed"):
-            status = "collapsed"
-        elif step < base.train.steps:
-            status = "early_stopped"
-        else:
-            status = "finished"
+        status = trial_status(m, r.error is not None, base.train.steps)
         hist = r.metrics_dataframe
         best = float(hist["probe_score"].max()) if hist is not None and "probe_score" in hist else float("nan")
         run_id = m.get("mlflow_run_id") or (tracking.find_run(cfg) if uri else None)

@@ -6,6 +6,7 @@ Only the driver creates/finishes runs; rank 0 logs metrics with the run id it is
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -125,6 +126,22 @@ def plot_history(uri: str, run_id: str, path: str) -> str | None:
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
+
+
+def close_run(cfg: Config, run_id: str, status: str, checkpoint: str | None = None, data: dict | None = None,
+              example_wav=None) -> None:
+    """The end of every pretraining run, whoever ends it: tags, run artifacts, terminated."""
+    c = client(tracking_uri(cfg))
+    if checkpoint:
+        c.set_tag(run_id, "audio_jepa.checkpoint", checkpoint)
+    if data is not None:
+        c.set_tag(run_id, "audio_jepa.data", json.dumps(data, default=str)[:4900])
+    try:
+        log_run_artifacts(cfg, run_id, example_wav)
+    except Exception as e:  # artifacts are a convenience, never a reason to fail the run
+        log.warning("could not log run artifacts: %s", e)
+    c.set_tag(run_id, "audio_jepa.status", status)
+    finish(tracking_uri(cfg), run_id, "FAILED" if status == "failed" else "FINISHED")
 
 
 def log_run_artifacts(cfg: Config, run_id: str, example_wav=None) -> None:

@@ -8,7 +8,6 @@ every mask draw is a function of the global step, so nothing drifts across resta
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import signal
@@ -26,8 +25,6 @@ from service.masks import MaskGenerator
 from service.model import AudioJEPA, collapse_stats
 from service.optim import apply_schedules, build_optimizer, tau_at
 from service.storage import is_remote, join, ray_storage, read_bytes, write_bytes
-
-log = logging.getLogger("audio_jepa.train")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -317,16 +314,8 @@ def run_pretraining(cfg: Config, progress=print, parent_run_id: str | None = Non
         if problem:
             summary.update(status="failed", error=problem)
     if uri and run_id:
-        c = tracking.client(uri)
-        if summary["checkpoint"]:
-            c.set_tag(run_id, "audio_jepa.checkpoint", summary["checkpoint"])
-        c.set_tag(run_id, "audio_jepa.data", json.dumps(summary["data"], default=str)[:4900])
-        try:
-            tracking.log_run_artifacts(cfg, run_id, _example_clip(cfg, listing))
-        except Exception as e:  # artifacts are a convenience, never a reason to fail the run
-            log.warning("could not log run artifacts: %s", e)
-        c.set_tag(run_id, "audio_jepa.status", summary["status"])
-        tracking.finish(uri, run_id, "FAILED" if summary["status"] == "failed" else "FINISHED")
+        tracking.close_run(cfg, run_id, summary["status"], summary["checkpoint"], summary["data"],
+                           _example_clip(cfg, listing))
     if math.isnan(summary["metrics"].get("loss", 0.0)):
         summary["status"] = "failed"
     return summary

@@ -82,6 +82,14 @@ def test_grid_sweep_interrupted_resumed_nested_runs_and_best(clean_corpus_dir, t
     parent = summary["mlflow_run_id"]
     nested = c.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
     assert len(nested) == 4, [r.data.tags.get("mlflow.runName") for r in nested]
+    # every trial's run is closed however it ended (a stopped trial's process is killed mid-run)
+    trial_status = {t["run_name"]: t["status"] for t in summary["trials"]}
+    for r in nested:
+        name = r.data.tags["mlflow.runName"]
+        assert r.info.status == "FINISHED", (name, r.info.status)
+        assert r.data.tags.get("audio_jepa.trial_status") == trial_status[name]
+        assert r.data.tags.get("audio_jepa.status") in ("succeeded", "collapsed", "early_stopped"), r.data.tags
+        assert "config.yaml" in {a.path for a in c.list_artifacts(r.info.run_id)}
     # each trial's decode tasks are bounded (else one trial's Ray Data takes every CPU of the cluster)
     assert {r.data.params["data.concurrency"] for r in nested} == {"1"}
     arts = {a.path for a in c.list_artifacts(parent)}
@@ -100,9 +108,10 @@ def test_trial_status_classification():
     base = load_config("tiny", ["train.steps=100", "mlflow.tracking_uri=", "checkpoint.storage_path=/nonexistent"])
     os.environ.pop("MLFLOW_TRACKING_URI", None)
 
-    def result(step, collapsed=0.0, error=None):
+    def result(step, collapsed=0.0, error=None, **returned):
         return SimpleNamespace(config={"masking.ratio": 0.5}, error=error, metrics_dataframe=None,
-                               metrics={"step": step, "collapsed": collapsed, "probe_score": 0.5, "trial_id": "t"})
-    rows = trial_rows([result(100), result(40), result(30, collapsed=1.0), result(10, error=RuntimeError("x"))],
-                      SweepConfig(), base)
-    assert [r["status"] for r in rows] == ["finished", "early_stopped", "collapsed", "failed"]
+                               metrics={"step": step, "collapsed": collapsed, "probe_score": 0.5, "trial_id": "t",
+                                        **returned})
+    rows = trial_rows([result(100), result(40), result(30, collapsed=1.0), result(10, error=RuntimeError("x")),
+                       result(100, final_step=100, status="failed")], SweepConfig(), base)
+    assert [r["status"] for r in rows] == ["finished", "early_stopped", "collapsed", "failed", "failed"]
