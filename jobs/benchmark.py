@@ -243,8 +243,6 @@ def main(argv=None) -> int:
     setup_logging()
     if args.what in ("data", "train") and not args.source:
         p.error(f"{args.what} needs --source")
-    from service.data import quiet_ray_data
-    quiet_ray_data()
     {"model": bench_model, "data": bench_data, "train": bench_train}[args.what](args)
     return 0
 

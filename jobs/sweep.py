@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -27,7 +28,6 @@ def main(argv=None) -> int:
     except ConfigError as e:
         die(str(e))
     setup_logging()
-    import os
     per_trial = trial_cpus(base)
     if not os.environ.get("RAY_ADDRESS"):
         # a private local Ray: trials run as many at a time as the real cores fit, and logical CPUs are
@@ -35,7 +35,7 @@ def main(argv=None) -> int:
         # the next one (Ray Train's own clean-up of it can lose a race when the trial actor exits)
         if sweep.max_concurrent == 0:
             sweep.max_concurrent = max(1, (os.cpu_count() or 1) // per_trial)
-        n_trials = sweep.search.num_samples * (math.prod(len(next(iter(p.values()))) for p in sweep.search.params.values())
+        n_trials = sweep.search.num_samples * (math.prod(len(next(iter(v.values()))) for v in sweep.search.params.values())
                                                if sweep.search.algorithm == "grid" else 1)
         init_ray(min_cpus=min(per_trial * (n_trials + 1), 256))
     else:

@@ -204,5 +204,5 @@ def build_dataset(cfg: Config, listing: Listing, ledger=None, passes: int | None
                           num_cpus=1, concurrency=cfg.data.concurrency or None)
 
 
-__all__ = ["quiet_ray_data", "Listing", "DataLedger", "DataSourceError", "list_source", "build_dataset", "clips_from_files",
-           "epoch_order", "check_skips", "passes_needed"]
+__all__ = ["Listing", "DataLedger", "DataSourceError", "list_source", "build_dataset", "clips_from_files",
+           "epoch_order", "check_skips", "passes_needed", "quiet_ray_data"]

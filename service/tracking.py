@@ -131,7 +131,8 @@ def plot_history(uri: str, run_id: str, path: str) -> str | None:
 def close_run(cfg: Config, run_id: str, status: str, checkpoint: str | None = None, data: dict | None = None,
               example_wav=None) -> None:
     """The end of every pretraining run, whoever ends it: tags, run artifacts, terminated."""
-    c = client(tracking_uri(cfg))
+    uri = tracking_uri(cfg)
+    c = client(uri)
     if checkpoint:
         c.set_tag(run_id, "audio_jepa.checkpoint", checkpoint)
     if data is not None:
@@ -141,7 +142,7 @@ def close_run(cfg: Config, run_id: str, status: str, checkpoint: str | None = No
     except Exception as e:  # artifacts are a convenience, never a reason to fail the run
         log.warning("could not log run artifacts: %s", e)
     c.set_tag(run_id, "audio_jepa.status", status)
-    finish(tracking_uri(cfg), run_id, "FAILED" if status == "failed" else "FINISHED")
+    finish(uri, run_id, "FAILED" if status == "failed" else "FINISHED")
 
 
 def log_run_artifacts(cfg: Config, run_id: str, example_wav=None) -> None:
