@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from service.procs import descendants, free_port, group_alive, group_members, start_group, stop_group, wait_http
+from cluster.procs import descendants, free_port, group_alive, group_members, start_group, stop_group, wait_http
 
 ROOT = Path(__file__).resolve().parents[1]
 STATE = Path(os.environ.get("AUDIO_JEPA_CLUSTER_DIR", ROOT / "var" / "cluster"))

@@ -143,7 +143,7 @@ def bench_data(args) -> None:
     from service.audio import Skip, crop_rng, crops, decode
 
     cfg = load_config(args.config, args.overrides + [f"data.source={args.source}"])
-    listing = list_source(cfg.data)
+    listing = list_source(cfg)
     rng = np.random.default_rng(0)
     listing.files = [listing.files[i] for i in sorted(rng.choice(len(listing.files),
                                                                  min(args.files, len(listing.files)), replace=False))]
@@ -153,7 +153,7 @@ def bench_data(args) -> None:
     t0, naive_clips = time.perf_counter(), 0
     for f in listing.files:
         try:
-            wav = decode(read_bytes(f.uri, cfg.data.s3_endpoint), cfg.features.sample_rate, cfg.data.max_channels,
+            wav = decode(read_bytes(f.uri, cfg.storage.s3_endpoint), cfg.features.sample_rate, cfg.data.max_channels,
                          cfg.data.min_seconds)
         except Skip:
             continue

@@ -15,20 +15,20 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.register", description=__doc__)
     p.add_argument("--run", required=True, help="MLflow run id of the pretraining run")
     p.add_argument("--name", help="registered model name (default: the run's mlflow.registered_model)")
-    p.add_argument("--alias", default=None, help="alias to point at the new version (default: latest)")
+    p.add_argument("--alias", default=None, help="alias to point at the new version (default: the run's mlflow.alias, "
+                   "'current' unless configured)")
     p.add_argument("--checkpoint", help="checkpoint dir (default: the run's final checkpoint)")
     p.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI")
     args = p.parse_args(argv)
-    from mlflow import MlflowClient
-
+    from service import checkpoint as ckpt
+    from service.encoder import checkpoint_state
     from service.registry import register_run
+    from service.tracking import client
     uri = tracking_uri_or_die(args.tracking_uri)
-    run = MlflowClient(tracking_uri=uri).get_run(args.run)
+    run = client(uri).get_run(args.run)
     checkpoint = args.checkpoint or run.data.tags.get("audio_jepa.checkpoint")
     if not checkpoint:
         die(f"run {args.run} has no audio_jepa.checkpoint tag; pass --checkpoint")
-    from service import checkpoint as ckpt
-    from service.registry import checkpoint_state
     cfg = ckpt.config_of(checkpoint_state(checkpoint))
     cfg.mlflow.tracking_uri = uri
     name = args.name or cfg.mlflow.registered_model

@@ -112,9 +112,8 @@ def latest_checkpoint(cfg: Config) -> str | None:
     """The newest complete checkpoint directory of a run in its storage path (local or s3://)."""
     import pyarrow.fs as pafs
 
-    from service.storage import is_remote, resolve
-    fs, root = resolve(f"{cfg.checkpoint.storage_path.rstrip('/')}/{cfg.run_name}", cfg.data.s3_endpoint,
-                       cfg.data.s3_region)
+    from service.storage import resolve, uri_for
+    fs, root = resolve(cfg.run_dir, cfg.storage.s3_endpoint, cfg.storage.s3_region)
     try:
         infos = fs.get_file_info(pafs.FileSelector(root, recursive=False))
     except (FileNotFoundError, OSError):
@@ -122,5 +121,5 @@ def latest_checkpoint(cfg: Config) -> str | None:
     dirs = sorted(i.path for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_"))
     for d in reversed(dirs):
         if fs.get_file_info(f"{d}/{MARKER}").type == pafs.FileType.File:
-            return f"s3://{d}" if is_remote(cfg.checkpoint.storage_path) else d
+            return uri_for(d, cfg.checkpoint.storage_path)
     return None

@@ -51,6 +51,14 @@ class FeaturesConfig:
         """Samples that give exactly n_frames frames (no centre padding)."""
         return (self.n_frames - 1) * self.hop_length + self.win_length
 
+    def frames_for(self, n_samples: int) -> int:
+        """Whole analysis frames in `n_samples` of audio (at least 1: a shorter input is padded to one)."""
+        return 1 + (n_samples - self.win_length) // self.hop_length if n_samples >= self.win_length else 1
+
+    def columns_for(self, n_samples: int) -> int:
+        """Patch columns (time steps of the token grid) that start inside `n_samples` of real audio."""
+        return -(-self.frames_for(n_samples) // self.patch_time)
+
     @property
     def grid(self) -> tuple[int, int]:
         """Patch grid (freq rows, time columns)."""
@@ -71,8 +79,6 @@ class FeaturesConfig:
 class DataConfig:
     """Where the audio comes from and how bad input is handled."""
     source: str = ""                # s3://bucket/prefix | local dir | manifest .csv/.parquet (required to train)
-    s3_endpoint: str | None = None  # e.g. http://127.0.0.1:9000 for S3-compatible stores
-    s3_region: str = "us-east-1"
     extensions: list[str] = field(default_factory=lambda: ["wav", "flac", "ogg", "mp3"])
     crops_per_file: int = 4         # at most this many random crops from one long file
     min_seconds: float = 0.25       # shorter decoded audio is skipped (too_short); shorter than a clip is padded
@@ -89,6 +95,13 @@ class DataConfig:
         _check(self.crops_per_file >= 1, "data.crops_per_file", self.crops_per_file, ">= 1")
         _check(0 <= self.max_skip_fraction <= 1, "data.max_skip_fraction", self.max_skip_fraction, "in [0, 1]")
         _check(self.concurrency >= 0, "data.concurrency", self.concurrency, ">= 0")
+
+
+@dataclass
+class StorageConfig:
+    """Object storage every s3:// URI of a run goes through: data, checkpoints, probe tasks, markers."""
+    s3_endpoint: str | None = None  # e.g. http://127.0.0.1:9000 for S3-compatible stores (else AWS_ENDPOINT_URL)
+    s3_region: str = "us-east-1"
 
 
 @dataclass
@@ -112,7 +125,7 @@ class ModelConfig:
 class MaskingConfig:
     """Which patches the context encoder sees and which the predictor must predict."""
     geometry: str = "unstructured"          # unstructured | multiblock | time | freq
-    ratio: Any = field(default_factory=lambda: [0.4, 0.6])  # target fraction: number or [low, high] per batch
+    ratio: float | list[float] = field(default_factory=lambda: [0.4, 0.6])  # target fraction: number or [low, high] per batch
     block_scale: list[float] = field(default_factory=lambda: [0.15, 0.2])   # multiblock: block area / grid
     block_aspect: list[float] = field(default_factory=lambda: [0.75, 1.5])  # multiblock: height/width
     context_scale: list[float] = field(default_factory=lambda: [0.85, 1.0]) # multiblock: context kept
@@ -128,9 +141,7 @@ class MaskingConfig:
         _check(self.geometry in ("unstructured", "multiblock", "time", "freq"), "masking.geometry",
                self.geometry, "unstructured, multiblock, time or freq")
         r = self.ratio
-        ok = isinstance(r, (int, float)) or (isinstance(r, list) and len(r) == 2
-                                             and all(isinstance(x, (int, float)) for x in r))
-        _check(ok, "masking.ratio", r, "a number or [low, high]")
+        _check(isinstance(r, float) or len(r) == 2, "masking.ratio", r, "a number or [low, high]")
         lo, hi = self.ratio_range()
         _check(0 < lo <= hi < 1, "masking.ratio", r, "0 < low <= high < 1")
         for key in ("block_scale", "block_aspect", "context_scale", "stripe_width"):
@@ -250,6 +261,7 @@ class Config:
     seed: int = 0
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     masking: MaskingConfig = field(default_factory=MaskingConfig)
     ema: EmaConfig = field(default_factory=EmaConfig)
@@ -271,6 +283,13 @@ class Config:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def with_overrides(self, overrides: dict[str, Any]) -> "Config":
+        """A new validated config with dotted keys replaced: `cfg.with_overrides({"masking.ratio": 0.7})`."""
+        raw = self.to_dict()
+        for key, value in overrides.items():
+            _set_dotted(raw, key, value)
+        return _with_absolute_paths(config_from_dict(raw))
+
     def flat(self) -> dict[str, Any]:
         """Dotted key -> value, for MLflow params."""
         out: dict[str, Any] = {}
@@ -285,10 +304,29 @@ class Config:
         walk("", self.to_dict())
         return out
 
+    def shaping(self) -> dict[str, Any]:
+        """The settings that decide what a run learns: not names, paths, endpoints, tracking or parallelism."""
+        d = self.to_dict()
+        out = {k: d[k] for k in SHAPING_SECTIONS}
+        out["train"] = {k: d["train"][k] for k in SHAPING_TRAIN_KEYS}
+        out["seed"] = self.seed
+        return out
+
     def hash(self) -> str:
-        """Stable hash of the model-defining settings (for registry tags)."""
-        blob = json.dumps(self.to_dict(), sort_keys=True, default=str)
+        """Stable hash of the model-defining settings (`shaping`), for registry tags and caches."""
+        blob = json.dumps(self.shaping(), sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    @property
+    def run_dir(self) -> str:
+        """`<checkpoint.storage_path>/<run_name>`: where Ray Train keeps this run's checkpoints and markers."""
+        return f"{self.checkpoint.storage_path.rstrip('/')}/{self.run_name}"
+
+
+SHAPING_SECTIONS = ("features", "model", "masking", "ema", "loss", "optim")
+SHAPING_TRAIN_KEYS = ("steps", "batch_size")
+# keys that moved: old dotted key -> new one (refused with a message naming the new key)
+MOVED_KEYS = {"data.s3_endpoint": "storage.s3_endpoint", "data.s3_region": "storage.s3_region"}
 
 
 def _check(ok: bool, key: str, value: Any, expected: str) -> None:
@@ -304,7 +342,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
-        return _build(tp, value, key + ".")
+        return build(tp, value, key + ".")
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
@@ -343,10 +381,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
-def _build(cls: type, data: dict, prefix: str = "") -> Any:
+def build(cls: type, data: dict, prefix: str = "") -> Any:
+    """A (nested) config dataclass from a plain dict: types coerced, unknown keys refused by name."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
+    for k in unknown:
+        if f"{prefix}{k}" in MOVED_KEYS:
+            raise ConfigError(f"config key '{prefix}{k}' has moved: use '{MOVED_KEYS[prefix + k]}'")
     if unknown:
         raise ConfigError(f"unknown config key '{prefix}{unknown[0]}' (known in this section: "
                           f"{', '.join(sorted(names))})")
@@ -397,9 +439,11 @@ def load_config(name_or_path: str | dict | None = None, overrides: list[str] | N
             raise ConfigError(f"--set {item!r}: expected key.sub=value")
         key, val = item.split("=", 1)
         _set_dotted(raw, key.strip(), yaml.safe_load(val) if val.strip() else "")
-    cfg = _build(Config, raw).validate()
-    # local paths are made absolute here, in the process that was given them: trials and Ray workers
-    # run in other directories
+    return _with_absolute_paths(build(Config, raw).validate())
+
+
+def _with_absolute_paths(cfg: Config) -> Config:
+    """Local paths made absolute in the process that was given them: trials and Ray workers run elsewhere."""
     cfg.data.source = _absolute(cfg.data.source)
     cfg.probe.task = _absolute(cfg.probe.task)
     cfg.checkpoint.storage_path = _absolute(cfg.checkpoint.storage_path)
@@ -412,7 +456,7 @@ def _absolute(uri: str) -> str:
 
 
 def config_from_dict(d: dict) -> Config:
-    return _build(Config, d).validate()
+    return build(Config, d).validate()
 
 
 def to_yaml(cfg: Config) -> str:

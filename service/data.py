@@ -19,7 +19,7 @@ import ray
 import torch
 
 from service.audio import Skip, crop_rng, crops, decode
-from service.config import Config, DataConfig, FeaturesConfig
+from service.config import Config, DataConfig, FeaturesConfig, StorageConfig
 from service.features import LogMel
 from service.storage import FileEntry, join, list_files, read_bytes, resolve
 
@@ -38,14 +38,15 @@ class Listing:
     too_large: list[FileEntry] = field(default_factory=list)
 
 
-def list_source(cfg: DataConfig) -> Listing:
+def list_source(run: Config) -> Listing:
     """List a local dir, an s3:// prefix or a manifest (.csv/.parquet with a `path` column)."""
+    cfg, st = run.data, run.storage
     src = cfg.source
     try:
         if src.lower().endswith((".csv", ".parquet")):
-            files, ignored = _list_manifest(cfg), 0
+            files, ignored = _list_manifest(cfg, st), 0
         else:
-            files, ignored = list_files(src, cfg.extensions, cfg.s3_endpoint, cfg.s3_region)
+            files, ignored = list_files(src, cfg.extensions, st.s3_endpoint, st.s3_region)
     except (FileNotFoundError, OSError) as e:
         raise DataSourceError(f"data.source '{src}' is unreachable: {e}") from e
     limit = cfg.max_file_mb * 1024 * 1024
@@ -59,11 +60,11 @@ def list_source(cfg: DataConfig) -> Listing:
     return Listing(src, files, ignored, too_large)
 
 
-def _list_manifest(cfg: DataConfig) -> list[FileEntry]:
+def _list_manifest(cfg: DataConfig, st: StorageConfig) -> list[FileEntry]:
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
-    fs, path = resolve(cfg.source, cfg.s3_endpoint, cfg.s3_region)
+    fs, path = resolve(cfg.source, st.s3_endpoint, st.s3_region)
     with fs.open_input_file(path) as f:
         table = pq.read_table(f) if path.endswith(".parquet") else pacsv.read_csv(f)
     col = next((c for c in ("path", "uri") if c in table.column_names), None)
@@ -73,7 +74,7 @@ def _list_manifest(cfg: DataConfig) -> list[FileEntry]:
     out = []
     for p in table.column(col).to_pylist():
         uri = p if (p.startswith("s3://") or os.path.isabs(p)) else join(base, p)
-        fs_i, path_i = resolve(uri, cfg.s3_endpoint, cfg.s3_region)
+        fs_i, path_i = resolve(uri, st.s3_endpoint, st.s3_region)
         info = fs_i.get_file_info(path_i)
         size = info.size if info.size is not None else 0
         out.append(FileEntry(uri, p, size))
@@ -101,15 +102,21 @@ class DataLedger:
         self.clips = 0
         self.skipped: dict[str, int] = {"too_large": len(too_large)} if too_large else {}
         self.examples: dict[str, list[str]] = {"too_large": too_large[:5]} if too_large else {}
+        self.bad: dict[str, tuple[str, str]] = {k: ("too_large", "") for k in too_large}  # key -> (reason, detail)
 
-    def record(self, seen: int, clips: int, skipped: list[tuple[str, str]]) -> None:
+    def record(self, seen: int, clips: int, skipped: list[tuple[str, str, str]]) -> None:
         self.seen += seen
         self.clips += clips
-        for reason, key in skipped:
+        for reason, key, detail in skipped:
             self.skipped[reason] = self.skipped.get(reason, 0) + 1
             ex = self.examples.setdefault(reason, [])
-            if len(ex) < 5:
+            if len(ex) < 5 and key not in ex:
                 ex.append(key)
+            self.bad[key] = (reason, detail)
+
+    def skipped_files(self) -> list[tuple[str, str, str]]:
+        """Every distinct skipped file once: (key, reason, detail), sorted by key."""
+        return sorted((k, r, d) for k, (r, d) in self.bad.items())
 
     def totals(self) -> dict:
         return {"files": self.listed, "files_seen": self.seen, "clips": self.clips,
@@ -128,6 +135,22 @@ def check_skips(totals: dict, max_fraction: float, min_seen: int = 20) -> str | 
     return None
 
 
+def skip_summary(totals: dict) -> str:
+    """One line for the user: skips by reason with a few example keys (the full list is an artifact)."""
+    parts = [f"{r}={n} (e.g. {', '.join(totals['examples'].get(r, [])[:3])})"
+             for r, n in sorted(totals["skipped"].items(), key=lambda kv: -kv[1])]
+    return f"data: skipped {sum(totals['skipped'].values())} file visits: {'; '.join(parts)} (list: skipped.csv)"
+
+
+def write_skipped_csv(skipped: list[tuple[str, str, str]], path: str) -> str:
+    import csv
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["key", "reason", "detail"])
+        w.writerows(skipped)
+    return path
+
+
 _FRONTENDS: dict[str, LogMel] = {}
 
 
@@ -144,8 +167,8 @@ def _fs(uri_root: str, endpoint: str | None, region: str):
     return resolve(uri_root, endpoint, region)[0]
 
 
-def clips_from_files(batch: dict[str, np.ndarray], features: FeaturesConfig, data: DataConfig, seed: int,
-                     ledger=None) -> dict[str, np.ndarray]:
+def clips_from_files(batch: dict[str, np.ndarray], features: FeaturesConfig, data: DataConfig,
+                     storage: StorageConfig, seed: int, ledger=None) -> dict[str, np.ndarray]:
     """Ray Data map_batches UDF: a batch of (uri, key, epoch) rows -> a batch of clip rows."""
     torch.set_num_threads(1)
     clip_len = features.clip_samples
@@ -156,14 +179,14 @@ def clips_from_files(batch: dict[str, np.ndarray], features: FeaturesConfig, dat
         try:
             try:
                 data_bytes = read_bytes(uri, retries=data.read_retries,
-                                        fs=_fs("s3://" if uri.startswith("s3://") else "/", data.s3_endpoint,
-                                               data.s3_region))
+                                        fs=_fs("s3://" if uri.startswith("s3://") else "/", storage.s3_endpoint,
+                                               storage.s3_region))
             except Exception as e:  # after retries
                 raise Skip("read_error", f"{type(e).__name__}: {str(e)[:120]}") from None
             wav = decode(data_bytes, features.sample_rate, data.max_channels, data.min_seconds)
-        except Skip as s:
-            log.warning("skipped %s: %s", uri, s)
-            skipped.append((s.reason, uri))
+        except Skip as s:  # counted by the ledger; the driver prints one summary line
+            log.debug("skipped %s: %s", uri, s)
+            skipped.append((s.reason, uri, s.detail))
             continue
         for c in crops(wav, clip_len, data.crops_per_file, crop_rng(seed, epoch, key)):
             waves.append(c)
@@ -200,7 +223,8 @@ def build_dataset(cfg: Config, listing: Listing, ledger=None, passes: int | None
             rows.append({"uri": f.uri, "key": f.key, "epoch": e})
     ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // 8, 4096)))
     return ds.map_batches(clips_from_files, batch_size=4, batch_format="numpy",
-                          fn_kwargs=dict(features=cfg.features, data=cfg.data, seed=cfg.seed, ledger=ledger),
+                          fn_kwargs=dict(features=cfg.features, data=cfg.data, storage=cfg.storage, seed=cfg.seed,
+                                         ledger=ledger),
                           num_cpus=1, concurrency=cfg.data.concurrency or None)
 
 

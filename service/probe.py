@@ -94,24 +94,20 @@ def load_audio(task: Task, sample_rate: int, endpoint: str | None = None) -> tup
 # --- features ------------------------------------------------------------------------------
 @torch.no_grad()
 def encoder_features(encoder, wavs: list[np.ndarray], pooling: str = "mean", batch: int = 32) -> np.ndarray:
-    """Clip embeddings: frames pooled over the clip's own (unpadded) frames; similar lengths batched."""
+    """Clip embeddings through the encoder's own readout; clips of similar length batched together."""
     order = np.argsort([len(w) for w in wavs])
-    out = np.zeros((len(wavs), encoder.embedding_dim * (2 if pooling == "meanmax" else 1)), np.float32)
-    fc = encoder.cfg.features
+    out = None
     for s in range(0, len(order), batch):
         idx = order[s:s + batch]
-        n = max(len(wavs[i]) for i in idx)
-        x = torch.zeros(len(idx), n)
+        lengths = [len(wavs[i]) for i in idx]
+        x = torch.zeros(len(idx), max(lengths))
         for j, i in enumerate(idx):
             x[j, :len(wavs[i])] = torch.from_numpy(wavs[i])
-        frames, _ = encoder.embed_frames(x)
-        for j, i in enumerate(idx):
-            n_frames = 1 + (len(wavs[i]) - fc.win_length) // fc.hop_length if len(wavs[i]) >= fc.win_length else 1
-            valid = max(1, min(frames.shape[1], -(-n_frames // fc.patch_time)))
-            f = frames[j, :valid]
-            pooled = [f.mean(0)] + ([f.amax(0)] if pooling == "meanmax" else [])
-            out[i] = torch.cat(pooled).numpy()
-    return out
+        emb = encoder.embed(x, lengths, pooling).numpy()
+        if out is None:
+            out = np.zeros((len(wavs), emb.shape[1]), np.float32)
+        out[idx] = emb
+    return out if out is not None else np.zeros((0, encoder.embedding_dim), np.float32)
 
 
 @torch.no_grad()
@@ -123,8 +119,7 @@ def logmel_features(wavs: list[np.ndarray], fc: FeaturesConfig) -> np.ndarray:
         x = torch.from_numpy(w)[None]
         if x.shape[1] < fc.win_length:
             x = torch.nn.functional.pad(x, (0, fc.win_length - x.shape[1]))
-        n_frames = 1 + (x.shape[1] - fc.win_length) // fc.hop_length
-        spec = fe(x)[0, :, :max(1, min(n_frames, fc.n_frames))] if x.shape[1] <= fc.clip_samples else \
+        spec = fe(x)[0, :, :min(fc.frames_for(x.shape[1]), fc.n_frames)] if x.shape[1] <= fc.clip_samples else \
             _long_logmel(fe, x, fc)
         out.append(torch.cat([spec.mean(1), spec.std(1, unbiased=False)]).numpy())
     return np.stack(out).astype(np.float32)

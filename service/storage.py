@@ -1,7 +1,7 @@
 """Object storage: one pyarrow filesystem for local paths and s3:// URIs (any S3-compatible endpoint).
 
 pyarrow ignores AWS_ENDPOINT_URL, so the endpoint is always passed explicitly: from config
-(`data.s3_endpoint`) or from the AWS_ENDPOINT_URL(_S3) environment variables.
+(`storage.s3_endpoint`) or from the AWS_ENDPOINT_URL(_S3) environment variables.
 Credentials come from the usual AWS environment variables / files.
 """
 from __future__ import annotations
@@ -40,6 +40,11 @@ def is_remote(uri: str) -> bool:
     return uri.startswith("s3://")
 
 
+def uri_for(path: str, like: str) -> str:
+    """A path inside the filesystem of `like` as a URI of the same kind (bucket/key -> s3://bucket/key)."""
+    return f"s3://{path}" if is_remote(like) else path
+
+
 def join(base: str, rel: str) -> str:
     if is_remote(base):
         return base.rstrip("/") + "/" + rel.lstrip("/")
@@ -75,8 +80,7 @@ def list_files(root: str, extensions: list[str] | None = None, endpoint: str | N
             ignored += 1
             continue
         rel = os.path.relpath(i.path, base)
-        uri = f"s3://{i.path}" if is_remote(root) else i.path
-        out.append(FileEntry(uri, rel, i.size))
+        out.append(FileEntry(uri_for(i.path, root), rel, i.size))
     out.sort(key=lambda e: e.key)
     return out, ignored
 

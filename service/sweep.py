@@ -7,8 +7,6 @@ ASHA can stop weak trials; a collapsed trial ends itself and is recorded as coll
 """
 from __future__ import annotations
 
-import csv
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -19,7 +17,8 @@ import yaml
 from ray.tune import Callback
 
 from service import tracking
-from service.config import Config, ConfigError, _build, load_config, resolve_path
+from service.sweep_report import log_sweep_report
+from service.config import Config, ConfigError, build, load_config, resolve_path
 
 TUNING_DIR = Path(__file__).resolve().parents[1] / "tuning"
 
@@ -56,22 +55,22 @@ def load_sweep(path_or_name: str, overrides: list[str] | None = None) -> tuple[S
     if not p.exists():
         raise ConfigError(f"sweep config not found: {path_or_name}")
     raw = yaml.safe_load(p.read_text()) or {}
-    sweep = _build(SweepConfig, raw)
+    sweep = build(SweepConfig, raw)
     if sweep.search.algorithm not in ("grid", "optuna"):
         raise ConfigError(f"config key 'search.algorithm' = {sweep.search.algorithm!r}: expected grid or optuna")
     if sweep.scheduler.type not in ("asha", "none"):
         raise ConfigError(f"config key 'scheduler.type' = {sweep.scheduler.type!r}: expected asha or none")
     if not sweep.search.params:
         raise ConfigError("config key 'search.params' is empty: nothing to sweep")
-    sets = [f"{k}={json.dumps(v)}" for k, v in sweep.set.items()] + list(overrides or [])
     base = load_config(str(resolve_path(sweep.base_config)) if sweep.base_config.endswith((".yaml", ".yml"))
-                       else sweep.base_config, sets)
+                       else sweep.base_config).with_overrides(sweep.set)
+    base = load_config(base.to_dict(), overrides)  # the command line's --set last
     if not base.probe.task:
         raise ConfigError("sweeps are scored by a downstream probe: set probe.task (a labeled task with a valid split)")
     if base.probe.every_steps <= 0:
         raise ConfigError("sweeps need probe.every_steps > 0 so the early stopper sees intermediate scores")
     for key in sweep.search.params:  # every swept key must be a real config key
-        load_config(base.to_dict(), [f"{key}={json.dumps(_example(sweep.search.params[key], key))}"])
+        base.with_overrides({key: _example(sweep.search.params[key], key)})
     return sweep, base
 
 
@@ -116,8 +115,7 @@ def trial_cpus(base: Config) -> int:
 
 
 def trial_config(base: Config, params: dict, trial_name: str) -> Config:
-    sets = [f"{k}={json.dumps(v)}" for k, v in params.items()] + [f"run_name={trial_name}"]
-    return load_config(base.to_dict(), sets)
+    return base.with_overrides({**params, "run_name": trial_name})
 
 
 def run_trial(params: dict, base: dict, sweep_name: str, parent_run_id: str | None, exclusive: bool) -> dict:
@@ -175,11 +173,11 @@ def run_sweep(sweep: SweepConfig, base: Config, progress=print) -> dict:
     uri = tracking.tracking_uri(base)
     parent = None
     if uri:
-        key_cfg = load_config(base.to_dict(), [f"run_name=sweep-{sweep.name}"])
+        key_cfg = base.with_overrides({"run_name": f"sweep-{sweep.name}"})
         parent = tracking.start_or_resume(key_cfg, extra_tags={"audio_jepa.sweep": sweep.name})
     storage = _tune_storage(base)
     space, search_alg = param_space(sweep)
-    base = load_config(base.to_dict(), [f"data.concurrency={data_cpus(base)}"])  # trials share the cluster
+    base = base.with_overrides({"data.concurrency": data_cpus(base)})  # trials share the cluster
     cpus = int(ray.cluster_resources().get("CPU", 1))
     concurrent = sweep.max_concurrent or max(1, cpus // trial_cpus(base))
     scheduler = None
@@ -214,7 +212,10 @@ def run_sweep(sweep: SweepConfig, base: Config, progress=print) -> dict:
                key=lambda r: r["probe_score"], default=None)
     summary["best"] = best
     if uri and parent:
-        _log_sweep_artifacts(uri, parent, rows, sweep)
+        log_sweep_report(uri, parent, rows, sweep.name)
+        for r in rows:
+            if r["status"] in ("finished", "early_stopped", "collapsed") and r["mlflow_run_id"]:
+                tracking.client(uri).set_tag(r["mlflow_run_id"], "audio_jepa.trial_status", r["status"])
         if best and best["checkpoint"] and base.mlflow.registered_model:
             from service.registry import register_run
             best_cfg = trial_config(base, best["params"], best["run_name"])
@@ -292,51 +293,3 @@ def trial_rows(results, sweep: SweepConfig, base: Config) -> list[dict]:
                      "mlflow_run_id": run_id, "checkpoint": m.get("checkpoint") or latest_checkpoint(cfg),
                      "error": str(r.error)[:300] if r.error else None})
     return rows
-
-
-def _log_sweep_artifacts(uri: str, run_id: str, rows: list[dict], sweep: SweepConfig) -> None:
-    """results.csv and probe score vs mask ratio (one line per geometry) on the parent run."""
-    import tempfile
-
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    keys = sorted({k for r in rows for k in r["params"]})
-    with tempfile.TemporaryDirectory() as tmp:
-        csv_path = os.path.join(tmp, "results.csv")
-        with open(csv_path, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["run_name", *keys, "status", "step", "probe_score", "best_probe_score", "mlflow_run_id"])
-            for r in rows:
-                w.writerow([r["run_name"], *[r["params"].get(k) for k in keys], r["status"], r["step"],
-                            r["probe_score"], r["best_probe_score"], r["mlflow_run_id"]])
-        tracking.log_artifact(uri, run_id, csv_path)
-        fig, ax = plt.subplots(figsize=(6, 4))
-        by_geom: dict[str, list] = {}
-        for r in rows:
-            ratio = r["params"].get("masking.ratio")
-            if isinstance(ratio, list):
-                ratio = sum(ratio) / 2
-            by_geom.setdefault(str(r["params"].get("masking.geometry", "configured")), []).append(
-                (ratio if ratio is not None else float("nan"), r["best_probe_score"], r["status"]))
-        for g, pts in sorted(by_geom.items()):
-            pts = sorted(p for p in pts if p[0] == p[0])
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=g)
-                for x, y, st in pts:
-                    if st in ("collapsed", "early_stopped", "failed"):
-                        ax.annotate(st, (x, y), fontsize=7)
-        ax.set_xlabel("mask ratio")
-        ax.set_ylabel("probe score (valid accuracy)")
-        ax.set_title(f"sweep {sweep.name}")
-        ax.legend()
-        fig.tight_layout()
-        png = os.path.join(tmp, "probe_vs_mask_ratio.png")
-        fig.savefig(png, dpi=90)
-        plt.close(fig)
-        tracking.log_artifact(uri, run_id, png)
-        for r in rows:
-            if r["status"] in ("finished", "early_stopped", "collapsed") and r["mlflow_run_id"]:
-                tracking.client(uri).set_tag(r["mlflow_run_id"], "audio_jepa.trial_status", r["status"])
-

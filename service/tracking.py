@@ -26,10 +26,6 @@ def client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
-def run_key(cfg: Config) -> str:
-    return f"{cfg.checkpoint.storage_path.rstrip('/')}/{cfg.run_name}"
-
-
 def experiment_id(c, name: str) -> str:
     exp = c.get_experiment_by_name(name)
     if exp is not None:
@@ -49,7 +45,7 @@ def start_or_resume(cfg: Config, extra_tags: dict | None = None, parent_run_id: 
         return None
     c = client(uri)
     exp = experiment_id(c, cfg.mlflow.experiment)
-    key = run_key(cfg)
+    key = cfg.run_dir
     run_id = find_run(cfg)
     if run_id:
         c.update_run(run_id, status="RUNNING")
@@ -70,7 +66,7 @@ def find_run(cfg: Config) -> str | None:
     exp = c.get_experiment_by_name(cfg.mlflow.experiment)
     if exp is None:
         return None
-    found = c.search_runs([exp.experiment_id], filter_string=f"tags.`{RUN_KEY}` = '{run_key(cfg)}'",
+    found = c.search_runs([exp.experiment_id], filter_string=f"tags.`{RUN_KEY}` = '{cfg.run_dir}'",
                           max_results=1, order_by=["attributes.start_time DESC"])
     return found[0].info.run_id if found else None
 
@@ -129,8 +125,8 @@ def plot_history(uri: str, run_id: str, path: str) -> str | None:
 
 
 def close_run(cfg: Config, run_id: str, status: str, checkpoint: str | None = None, data: dict | None = None,
-              example_wav=None) -> None:
-    """The end of every pretraining run, whoever ends it: tags, run artifacts, terminated."""
+              files: tuple[str, ...] = ()) -> None:
+    """The end of every pretraining run, whoever ends it: tags, run artifacts (+ `files`), terminated."""
     uri = tracking_uri(cfg)
     c = client(uri)
     if checkpoint:
@@ -138,22 +134,18 @@ def close_run(cfg: Config, run_id: str, status: str, checkpoint: str | None = No
     if data is not None:
         c.set_tag(run_id, "audio_jepa.data", json.dumps(data, default=str)[:4900])
     try:
-        log_run_artifacts(cfg, run_id, example_wav)
+        log_run_artifacts(cfg, run_id, files)
     except Exception as e:  # artifacts are a convenience, never a reason to fail the run
         log.warning("could not log run artifacts: %s", e)
     c.set_tag(run_id, "audio_jepa.status", status)
     finish(uri, run_id, "FAILED" if status == "failed" else "FINISHED")
 
 
-def log_run_artifacts(cfg: Config, run_id: str, example_wav=None) -> None:
-    """Resolved config YAML, the mask-geometry PNG (on a real clip if given) and the history plot."""
+def log_run_artifacts(cfg: Config, run_id: str, files: tuple[str, ...] = ()) -> None:
+    """The resolved config YAML, the loss/collapse history plot, and the caller's files (pictures, lists)."""
     import tempfile
 
-    import torch
-
     from service.config import to_yaml
-    from service.features import LogMel
-    from service.masks import render_masks
 
     uri = tracking_uri(cfg)
     with tempfile.TemporaryDirectory() as tmp:
@@ -161,12 +153,6 @@ def log_run_artifacts(cfg: Config, run_id: str, example_wav=None) -> None:
         with open(cfg_path, "w") as f:
             f.write(to_yaml(cfg))
         log_artifact(uri, run_id, cfg_path)
-        fc = cfg.features
-        wav = torch.as_tensor(example_wav if example_wav is not None else torch.zeros(fc.clip_samples))[None]
-        spec = LogMel(fc)(wav)[0]
-        png = render_masks(spec, fc.grid, (fc.patch_freq, fc.patch_time), cfg.masking,
-                           os.path.join(tmp, "masks.png"), seed=cfg.seed)
-        log_artifact(uri, run_id, png)
         hist = plot_history(uri, run_id, os.path.join(tmp, "history.png"))
-        if hist:
-            log_artifact(uri, run_id, hist)
+        for path in (*files, *([hist] if hist else [])):
+            log_artifact(uri, run_id, path)

@@ -21,10 +21,10 @@ from service import checkpoint as ckpt
 from service import tracking
 from service.config import Config, config_from_dict
 from service.features import LogMel, patchify
-from service.masks import MaskGenerator
+from service.masks import MaskGenerator, render_masks
 from service.model import AudioJEPA, collapse_stats
 from service.optim import apply_schedules, build_optimizer, tau_at
-from service.storage import is_remote, join, ray_storage, read_bytes, write_bytes
+from service.storage import join, ray_storage, read_bytes, uri_for, write_bytes
 
 
 class NonFiniteLoss(RuntimeError):
@@ -32,7 +32,7 @@ class NonFiniteLoss(RuntimeError):
 
 
 def _fault_marker(cfg: Config) -> str:
-    return join(cfg.checkpoint.storage_path, f"{cfg.run_name}/fault_injected_at_step_{cfg.failure.inject_kill_at_step}")
+    return join(cfg.run_dir, f"fault_injected_at_step_{cfg.failure.inject_kill_at_step}")
 
 
 def _maybe_inject_fault(cfg: Config, step: int, rank: int) -> None:
@@ -42,11 +42,11 @@ def _maybe_inject_fault(cfg: Config, step: int, rank: int) -> None:
         return
     marker = _fault_marker(cfg)
     try:
-        read_bytes(marker, cfg.data.s3_endpoint, retries=1)
+        read_bytes(marker, cfg.storage.s3_endpoint, retries=1)
         return  # already injected once
     except (FileNotFoundError, OSError):
         pass
-    write_bytes(marker, json.dumps({"step": step, "rank": rank, "time": time.time()}).encode(), cfg.data.s3_endpoint)
+    write_bytes(marker, json.dumps({"step": step, "rank": rank, "time": time.time()}).encode(), cfg.storage.s3_endpoint)
     import ray.train
     ray.train.get_all_reported_checkpoints()  # a rehearsal kills after the last checkpoint is registered
     print(f"[fault injection] killing worker rank {rank} at step {step}", flush=True)
@@ -55,8 +55,8 @@ def _maybe_inject_fault(cfg: Config, step: int, rank: int) -> None:
 
 def _write_resume_record(cfg: Config, record: dict) -> None:
     """<storage>/<run>/resumes/step_<S>_<time>.json: where a run resumed, with state checksums."""
-    name = f"{cfg.run_name}/resumes/step_{record['step']:08d}_{int(time.time())}.json"
-    write_bytes(join(cfg.checkpoint.storage_path, name), json.dumps(record).encode(), cfg.data.s3_endpoint)
+    name = f"resumes/step_{record['step']:08d}_{int(time.time())}.json"
+    write_bytes(join(cfg.run_dir, name), json.dumps(record).encode(), cfg.storage.s3_endpoint)
 
 
 def _fmt_eta(seconds: float) -> str:
@@ -66,190 +66,258 @@ def _fmt_eta(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
-def train_loop_per_worker(loop_cfg: dict) -> None:
-    """Runs on every Ray Train worker."""
-    import ray.train
-    import ray.train.torch
+def agree(value: float, op: str, device) -> float:
+    """One float agreed by every rank: op is sum | mean | min | max (a no-op on a single worker)."""
     import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return float(value)
+    t = torch.tensor([float(value)], device=device)
+    dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "mean": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN,
+                           "max": dist.ReduceOp.MAX}[op])
+    return t.item() / (dist.get_world_size() if op == "mean" else 1)
 
-    cfg = config_from_dict(loop_cfg["config"])
-    run_id, uri, ledger = loop_cfg.get("mlflow_run_id"), loop_cfg.get("tracking_uri"), loop_cfg.get("ledger")
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(cfg.train.threads_per_worker or cfg.train.cpus_per_worker)
-    device = ray.train.torch.get_device() if cfg.train.use_gpu else torch.device("cpu")
-    torch.manual_seed(cfg.seed)  # identical init on every rank
 
-    model = AudioJEPA(cfg).to(device)
-    opt = build_optimizer(model, cfg.optim)
-    step, epoch = 0, 0
-    resume_record = None
-    restored = ray.train.get_checkpoint()
-    if restored is not None:
+class Window:
+    """Per-step figures between two reports: loss, grad norm, mask ratio, clips and data-wait time."""
+
+    def __init__(self):
+        self.t0, self.wait, self.clips = time.time(), 0.0, 0
+        self.losses: list[float] = []
+        self.gnorm: list[float] = []
+        self.ratio: list[float] = []
+
+    def add(self, loss: float, gnorm: float, ratio: float, clips: int) -> None:
+        self.losses.append(loss)
+        self.gnorm.append(gnorm)
+        self.ratio.append(ratio)
+        self.clips += clips
+
+    def pause(self, seconds: float) -> None:
+        """Time that is not training (probing) does not count in the throughput."""
+        self.t0 += seconds
+
+    def metrics(self) -> dict[str, float]:
+        elapsed = max(time.time() - self.t0, 1e-9)
+        return {"loss": float(np.mean(self.losses)), "grad_norm": float(np.mean(self.gnorm)),
+                "mask_ratio": float(np.mean(self.ratio)), "clips_per_s": self.clips / elapsed,
+                "data_wait_fraction": self.wait / elapsed}
+
+
+class WorkerRun:
+    """One Ray Train worker's share of a pretraining run: set-up/restore, steps, metrics, probe, reports."""
+
+    def __init__(self, loop_cfg: dict):
+        import ray.train
+        import ray.train.torch
+
+        cfg = self.cfg = config_from_dict(loop_cfg["config"])
+        self.run_id, self.uri, self.ledger = (loop_cfg.get("mlflow_run_id"), loop_cfg.get("tracking_uri"),
+                                              loop_cfg.get("ledger"))
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        torch.set_num_threads(cfg.train.threads_per_worker or cfg.train.cpus_per_worker)
+        self.device = ray.train.torch.get_device() if cfg.train.use_gpu else torch.device("cpu")
+        torch.manual_seed(cfg.seed)  # identical init on every rank
+
+        self.core = AudioJEPA(cfg).to(self.device)
+        self.opt = build_optimizer(self.core, cfg.optim)
+        self.step, self.epoch, self.resume_record = 0, 0, None
+        self._restore(ray.train.get_checkpoint())
+        self.model = ray.train.torch.prepare_model(self.core) if self.world > 1 else self.core
+        self.trainable = [p for p in self.core.parameters() if p.requires_grad]
+
+        self.total = cfg.train.steps
+        self.per_worker = cfg.train.batch_size // self.world
+        self.frontend = LogMel(cfg.features).to(self.device) if cfg.data.features_in == "trainer" else None
+        self.masks = MaskGenerator(cfg.masking, cfg.features.grid)
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
+                         else torch.autocast("cpu", enabled=False))
+        self.stream = self._batches(ray.train.get_dataset_shard("train"))
+        self.probe = self._probe() if cfg.probe.task and self.rank == 0 else None
+        self.probe_last = 0.0 if cfg.probe.task else None
+        self.window, self.nonfinite, self.collapsed = Window(), 0, False
+        self.t_start, self.step_start = time.time(), self.step
+
+    # --- set-up ------------------------------------------------------------------------------
+    def _restore(self, restored) -> None:
+        if restored is None:
+            return
         with restored.as_directory() as d:
-            step, epoch = ckpt.restore(ckpt.load_state(d, map_location=device), model, opt)
-        if rank == 0:
-            print(f"resumed from checkpoint at step {step}", flush=True)
-            resume_record = {"step": step, "epoch": epoch, "tau": tau_at(step, cfg.train.steps, cfg.ema),
-                             "restored_time": time.time(), **ckpt.fingerprint(model, opt)}
-    core = model
-    model = ray.train.torch.prepare_model(model) if world > 1 else model
-    trainable = [p for p in core.parameters() if p.requires_grad]
+            self.step, self.epoch = ckpt.restore(ckpt.load_state(d, map_location=self.device), self.core, self.opt)
+        if self.rank == 0:
+            print(f"resumed from checkpoint at step {self.step}", flush=True)
+            self.resume_record = {"step": self.step, "epoch": self.epoch,
+                                  "tau": tau_at(self.step, self.cfg.train.steps, self.cfg.ema),
+                                  "restored_time": time.time(), **ckpt.fingerprint(self.core, self.opt)}
 
-    total = cfg.train.steps
-    per_worker = cfg.train.batch_size // world
-    frontend = LogMel(cfg.features).to(device) if cfg.data.features_in == "trainer" else None
-    masks = MaskGenerator(cfg.masking, cfg.features.grid)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                else torch.autocast("cpu", enabled=False))
-    shard = ray.train.get_dataset_shard("train")
-
-    def batches():
+    def _batches(self, shard):
         while True:  # more passes than planned if many files were skipped
             got = False
-            for b in shard.iter_torch_batches(batch_size=per_worker, drop_last=True, prefetch_batches=2,
-                                              device=str(device)):
+            for b in shard.iter_torch_batches(batch_size=self.per_worker, drop_last=True, prefetch_batches=2,
+                                              device=str(self.device)):
                 got = True
                 yield b
             if not got:
                 raise RuntimeError("the dataset produced no full batch: every file was skipped or "
-                                   f"there are fewer than {per_worker} clips")
+                                   f"there are fewer than {self.per_worker} clips")
 
-    stream = batches()
-    probe = None
-    if cfg.probe.task and rank == 0:
+    def _probe(self):
         from service.probe import TrainingProbe
-        probe = TrainingProbe(cfg.probe.task, cfg.features.sample_rate, cfg.probe.kind, cfg.probe.max_clips,
-                              cfg.data.s3_endpoint, cfg.seed)
-        print(f"probe: {len(probe.wavs)} clips of task {probe.name} (score: valid {cfg.probe.kind} accuracy)",
+        c = self.cfg
+        probe = TrainingProbe(c.probe.task, c.features.sample_rate, c.probe.kind, c.probe.max_clips,
+                              c.storage.s3_endpoint, c.seed)
+        print(f"probe: {len(probe.wavs)} clips of task {probe.name} (score: valid {c.probe.kind} accuracy)",
               flush=True)
-    collapsed = False
-    probe_last = 0.0 if cfg.probe.task else None
-    window = {"t0": time.time(), "wait": 0.0, "clips": 0, "losses": [], "gnorm": [], "ratio": []}
-    nonfinite = 0
-    t_start, step_start = time.time(), step
+        return probe
 
-    def report(metrics: dict, with_ckpt: bool) -> None:
-        if with_ckpt:
-            with tempfile.TemporaryDirectory() as tmp:
-                if rank == 0:
-                    ckpt.save(tmp, cfg, core, opt, step, epoch, metrics=metrics)
-                checkpoint = ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None
-                ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{step:08d}")
-        else:
-            ray.train.report(metrics)
-
-    while step < total:
-        _maybe_inject_fault(cfg, step, rank)
+    # --- one step ----------------------------------------------------------------------------
+    def train_step(self) -> torch.Tensor | None:
+        """One optimiser step on the next batch; the target tokens, or None when the step was skipped."""
+        cfg = self.cfg
+        _maybe_inject_fault(cfg, self.step, self.rank)
         t_wait = time.time()
-        batch = next(stream)
-        window["wait"] += time.time() - t_wait
+        batch = next(self.stream)
+        self.window.wait += time.time() - t_wait
         x = batch["x"].float()
-        epoch = int(batch["epoch"][-1])
+        self.epoch = int(batch["epoch"][-1])
         with torch.no_grad():
-            spec = frontend(x) if frontend is not None else x
+            spec = self.frontend(x) if self.frontend is not None else x
             patches = patchify(spec, cfg.features.patch_freq, cfg.features.patch_time)
-        m = masks(per_worker, np.random.default_rng([cfg.seed, step, rank]))
-        ctx_idx, tgt_idx = m.context.to(device), m.target.to(device)
-        sched = apply_schedules(opt, step, cfg)
-        with autocast:
-            loss, h = model(patches, ctx_idx, tgt_idx)
-        finite = torch.tensor([float(torch.isfinite(loss).item())], device=device)
-        if world > 1:
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        if finite.item() < 1:
-            nonfinite += 1
-            opt.zero_grad(set_to_none=True)
-            msg = f"non-finite loss at step {step} ({nonfinite} in a row)"
-            if rank == 0:
-                print(msg + ": step skipped", flush=True)
-            if nonfinite >= cfg.train.max_nonfinite:
-                raise NonFiniteLoss(msg + f"; stopping (train.max_nonfinite={cfg.train.max_nonfinite})")
-            step += 1
-            continue
-        nonfinite = 0
-        opt.zero_grad(set_to_none=True)
+        m = self.masks(self.per_worker, np.random.default_rng([cfg.seed, self.step, self.rank]))
+        self.sched = apply_schedules(self.opt, self.step, cfg)
+        with self.autocast:
+            loss, h = self.model(patches, m.context.to(self.device), m.target.to(self.device))
+        self.opt.zero_grad(set_to_none=True)
+        if agree(float(torch.isfinite(loss).item()), "min", self.device) < 1:
+            self._skip_nonfinite()
+            return None
+        self.nonfinite = 0
         loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip if cfg.optim.grad_clip > 0
-                                               else float("inf"))
-        opt.step()
-        step += 1
-        tau = tau_at(step, total, cfg.ema)
-        core.ema_update(tau)
-        window["losses"].append(loss.item())
-        window["gnorm"].append(float(gnorm))
-        window["ratio"].append(m.ratio)
-        window["clips"] += per_worker * world
-        if resume_record is not None:  # written after the first step: it also times the recovery
-            _write_resume_record(cfg, {**resume_record, "first_step_time": time.time()})
-            resume_record = None
+        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+        gnorm = torch.nn.utils.clip_grad_norm_(self.trainable, clip)
+        self.opt.step()
+        self.step += 1
+        self.core.ema_update(tau_at(self.step, self.total, cfg.ema))
+        self.window.add(loss.item(), float(gnorm), m.ratio, self.per_worker * self.world)
+        if self.resume_record is not None:  # written after the first step: it also times the recovery
+            _write_resume_record(cfg, {**self.resume_record, "first_step_time": time.time()})
+            self.resume_record = None
+        return h
 
-        last = step == total
-        do_probe = cfg.probe.task and ((cfg.probe.every_steps and step % cfg.probe.every_steps == 0) or last)
-        do_log = step % cfg.train.log_every == 0 or last or do_probe
-        do_ckpt = step % cfg.checkpoint.every_steps == 0 or last
+    def _skip_nonfinite(self) -> None:
+        self.nonfinite += 1
+        msg = f"non-finite loss at step {self.step} ({self.nonfinite} in a row)"
+        if self.rank == 0:
+            print(msg + ": step skipped", flush=True)
+        if self.nonfinite >= self.cfg.train.max_nonfinite:
+            raise NonFiniteLoss(msg + f"; stopping (train.max_nonfinite={self.cfg.train.max_nonfinite})")
+        self.step += 1
+
+    # --- metrics, probe, report --------------------------------------------------------------
+    def due(self) -> tuple[bool, bool, bool]:
+        """(log, probe, checkpoint) due after the step just taken."""
+        c, last = self.cfg, self.step == self.total
+        do_probe = bool(c.probe.task) and ((c.probe.every_steps and self.step % c.probe.every_steps == 0) or last)
+        do_log = self.step % c.train.log_every == 0 or last or do_probe
+        return do_log, do_probe, self.step % c.checkpoint.every_steps == 0 or last
+
+    def metrics(self, h: torch.Tensor) -> dict[str, float]:
+        """The window's figures (loss averaged over ranks), schedules, collapse monitors; resets the window."""
+        c = self.cfg
+        metrics = {**self.window.metrics(), **self.sched, "tau": tau_at(self.step, self.total, c.ema),
+                   "epoch": self.epoch, "step": self.step, **collapse_stats(h)}
+        metrics["loss"] = agree(metrics["loss"], "mean", self.device)
+        self.window = Window()
+        if c.train.min_erank > 0:  # collapse: any rank's target embeddings below the rank floor
+            self.collapsed = agree(float(metrics["target_erank"] < c.train.min_erank), "max", self.device) > 0
+            metrics["collapsed"] = float(self.collapsed)
+        if self.probe_last is not None:
+            metrics["probe_score"] = self.probe_last  # every report carries a score for the early stopper
+        return metrics
+
+    def run_probe(self, metrics: dict) -> None:
+        """Score the target encoder on the task's valid split (rank 0) and share the score with every rank."""
+        if self.rank == 0:
+            from service.encoder import AudioEncoder
+            t_probe = time.time()
+            enc = AudioEncoder(self.cfg, self.core.target_encoder.state_dict(), self.device)
+            metrics.update(self.probe.score(enc))
+            self.window.pause(time.time() - t_probe)
+        score = metrics.get("probe_score", 0.0)
+        if self.world > 1:
+            import torch.distributed as dist
+            t = torch.tensor([score], device=self.device)
+            dist.broadcast(t, src=0)
+            score = t.item()
+        metrics["probe_score"] = self.probe_last = score
+
+    def log(self, metrics: dict) -> None:
+        """Rank 0: data ledger figures (and the skip threshold), the progress line, MLflow metrics."""
+        if self.rank != 0:
+            return
+        if self.ledger is not None:
+            import ray
+            from service.data import DataSourceError, check_skips
+            totals = ray.get(self.ledger.totals.remote())
+            metrics.update({"data_files_seen": totals["files_seen"], "data_clips": totals["clips"],
+                            "data_skipped": sum(totals["skipped"].values())})
+            problem = check_skips(totals, self.cfg.data.max_skip_fraction)
+            if problem:
+                raise DataSourceError(problem)
+        rate = (self.step - self.step_start) / max(time.time() - self.t_start, 1e-9)
+        print(f"step {self.step}/{self.total} ({100 * self.step / self.total:.0f}%) loss {metrics['loss']:.4f} "
+              f"lr {metrics['lr']:.2e} tau {metrics['tau']:.5f} gnorm {metrics['grad_norm']:.2f} "
+              f"mask {metrics['mask_ratio']:.2f} clips/s {metrics['clips_per_s']:.1f} "
+              f"wait {100 * metrics['data_wait_fraction']:.0f}% std {metrics['target_std']:.3f} "
+              f"erank {metrics['target_erank']:.1f} ETA {_fmt_eta((self.total - self.step) / max(rate, 1e-9))}",
+              flush=True)
+        if self.uri and self.run_id:
+            tracking.log_metrics(self.uri, self.run_id, metrics, self.step)
+        if self.collapsed:
+            print(f"collapsed at step {self.step}: target effective rank {metrics['target_erank']:.2f} < "
+                  f"train.min_erank={self.cfg.train.min_erank}; stopping", flush=True)
+
+    def report(self, metrics: dict, with_ckpt: bool) -> None:
+        """ray.train.report, with a checkpoint written by rank 0 when due."""
+        import ray.train
+        if not with_ckpt:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if self.rank == 0:
+                ckpt.save(tmp, self.cfg, self.core, self.opt, self.step, self.epoch, metrics=metrics)
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{self.step:08d}")
+
+    def finished_before(self) -> None:
+        """Resubmitted after it finished: nothing to train, one report so the run ends cleanly."""
+        import ray.train
+        if self.resume_record is not None:
+            _write_resume_record(self.cfg, self.resume_record)
+        ray.train.report({"step": self.step, "already_finished": 1})
+
+
+def train_loop_per_worker(loop_cfg: dict) -> None:
+    """Runs on every Ray Train worker."""
+    run = WorkerRun(loop_cfg)
+    if run.step >= run.total:
+        run.finished_before()
+        return
+    while run.step < run.total:
+        h = run.train_step()
+        if h is None:
+            continue
+        do_log, do_probe, do_ckpt = run.due()
         if not (do_log or do_ckpt):
             continue
-        lv = torch.tensor([float(np.mean(window["losses"]))], device=device)
-        if world > 1:
-            dist.all_reduce(lv)
-            lv /= world
-        elapsed = max(time.time() - window["t0"], 1e-9)
-        metrics = {"loss": lv.item(), "lr": sched["lr"], "wd": sched["wd"], "tau": tau,
-                   "grad_norm": float(np.mean(window["gnorm"])), "mask_ratio": float(np.mean(window["ratio"])),
-                   "clips_per_s": window["clips"] / elapsed, "data_wait_fraction": window["wait"] / elapsed,
-                   "epoch": epoch, "step": step, **collapse_stats(h)}
-        window = {"t0": time.time(), "wait": 0.0, "clips": 0, "losses": [], "gnorm": [], "ratio": []}
-        if cfg.train.min_erank > 0:  # collapse: any rank's target embeddings below the rank floor
-            flag = torch.tensor([float(metrics["target_erank"] < cfg.train.min_erank)], device=device)
-            if world > 1:
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            collapsed = flag.item() > 0
-            metrics["collapsed"] = float(collapsed)
-            do_ckpt = do_ckpt or collapsed
-        if probe_last is not None:
-            metrics["probe_score"] = probe_last  # every report carries a score for the early stopper
+        metrics = run.metrics(h)
         if do_probe:
-            if rank == 0:
-                from service.registry import AudioEncoder
-                t_probe = time.time()
-                enc = AudioEncoder(cfg, core.target_encoder.state_dict(), device)
-                metrics.update(probe.score(enc))
-                window["t0"] += time.time() - t_probe  # probing is not training time
-            scores = torch.tensor([metrics.get("probe_score", 0.0)], device=device)
-            if world > 1:
-                dist.broadcast(scores, src=0)
-            metrics["probe_score"] = probe_last = scores.item()
-        if rank == 0:
-            if ledger is not None:
-                import ray
-                from service.data import DataSourceError, check_skips
-                totals = ray.get(ledger.totals.remote())
-                metrics.update({"data_files_seen": totals["files_seen"], "data_clips": totals["clips"],
-                                "data_skipped": sum(totals["skipped"].values())})
-                problem = check_skips(totals, cfg.data.max_skip_fraction)
-                if problem:
-                    raise DataSourceError(problem)
-            rate = (step - step_start) / max(time.time() - t_start, 1e-9)
-            print(f"step {step}/{total} ({100 * step / total:.0f}%) loss {metrics['loss']:.4f} "
-                  f"lr {metrics['lr']:.2e} tau {tau:.5f} gnorm {metrics['grad_norm']:.2f} "
-                  f"mask {metrics['mask_ratio']:.2f} clips/s {metrics['clips_per_s']:.1f} "
-                  f"wait {100 * metrics['data_wait_fraction']:.0f}% std {metrics['target_std']:.3f} "
-                  f"erank {metrics['target_erank']:.1f} ETA {_fmt_eta((total - step) / max(rate, 1e-9))}",
-                  flush=True)
-            if uri and run_id:
-                tracking.log_metrics(uri, run_id, metrics, step)
-        if collapsed and rank == 0:
-            print(f"collapsed at step {step}: target effective rank {metrics['target_erank']:.2f} < "
-                  f"train.min_erank={cfg.train.min_erank}; stopping", flush=True)
-        report(metrics, with_ckpt=do_ckpt)
-        if collapsed:
+            run.run_probe(metrics)
+        run.log(metrics)
+        run.report(metrics, with_ckpt=do_ckpt or run.collapsed)
+        if run.collapsed:
             break
-
-    if step_start >= total:  # resubmitted after it finished: nothing to train
-        if resume_record is not None:
-            _write_resume_record(cfg, resume_record)
-        ray.train.report({"step": step, "already_finished": 1})
 
 
 def run_pretraining(cfg: Config, progress=print, parent_run_id: str | None = None, callbacks=None) -> dict:
@@ -261,18 +329,19 @@ def run_pretraining(cfg: Config, progress=print, parent_run_id: str | None = Non
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from service.data import DataLedger, DataSourceError, build_dataset, check_skips, list_source
+    from service.data import (DataLedger, DataSourceError, build_dataset, check_skips, list_source, skip_summary,
+                              write_skipped_csv)
 
     if not cfg.data.source:
         raise DataSourceError("data.source is empty: pass --set data.source=s3://bucket/prefix (or a dir/manifest)")
-    listing = list_source(cfg.data)
+    listing = list_source(cfg)
     progress(f"data: {len(listing.files)} audio files in {cfg.data.source} "
              f"({listing.ignored_by_extension} other files ignored, {len(listing.too_large)} too large)")
     ledger = DataLedger.remote(len(listing.files) + len(listing.too_large), [f.uri for f in listing.too_large])
     dataset = build_dataset(cfg, listing, ledger)
     run_id = tracking.start_or_resume(cfg, parent_run_id=parent_run_id)
     uri = tracking.tracking_uri(cfg)
-    storage_path, storage_fs = ray_storage(cfg.checkpoint.storage_path, cfg.data.s3_endpoint, cfg.data.s3_region)
+    storage_path, storage_fs = ray_storage(cfg.checkpoint.storage_path, cfg.storage.s3_endpoint, cfg.storage.s3_region)
 
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -303,7 +372,7 @@ def run_pretraining(cfg: Config, progress=print, parent_run_id: str | None = Non
     }
     if result is not None and result.checkpoint is not None:
         path = result.checkpoint.path
-        summary["checkpoint"] = f"s3://{path}" if is_remote(cfg.checkpoint.storage_path) else path
+        summary["checkpoint"] = uri_for(path, cfg.checkpoint.storage_path)
         marker = ckpt.read_marker(result.checkpoint)
         summary["final_step"] = marker["step"]
         summary["metrics"] = marker.get("metrics", {})
@@ -313,12 +382,29 @@ def run_pretraining(cfg: Config, progress=print, parent_run_id: str | None = Non
         problem = check_skips(totals, cfg.data.max_skip_fraction)
         if problem:
             summary.update(status="failed", error=problem)
-    if uri and run_id:
-        tracking.close_run(cfg, run_id, summary["status"], summary["checkpoint"], summary["data"],
-                           _example_clip(cfg, listing))
     if math.isnan(summary["metrics"].get("loss", 0.0)):
         summary["status"] = "failed"
+    skipped = ray.get(ledger.skipped_files.remote())
+    if skipped:
+        progress(skip_summary(totals))
+    if uri and run_id:
+        with tempfile.TemporaryDirectory() as tmp:
+            files = [_mask_picture(cfg, listing, os.path.join(tmp, "masks.png"))]
+            if skipped:
+                files.append(write_skipped_csv(skipped, os.path.join(tmp, "skipped.csv")))
+            tracking.close_run(cfg, run_id, summary["status"], summary["checkpoint"], summary["data"],
+                               tuple(f for f in files if f))
     return summary
+
+
+def _mask_picture(cfg: Config, listing, path: str) -> str | None:
+    """The run's mask geometry drawn on the first decodable clip of its source."""
+    wav = _example_clip(cfg, listing)
+    if wav is None:
+        return None
+    fc = cfg.features
+    spec = LogMel(fc)(torch.as_tensor(wav)[None])[0]
+    return render_masks(spec, fc.grid, (fc.patch_freq, fc.patch_time), cfg.masking, path, seed=cfg.seed)
 
 
 def _example_clip(cfg: Config, listing):
@@ -326,7 +412,7 @@ def _example_clip(cfg: Config, listing):
     from service.audio import Skip, crop_rng, crops, decode
     for f in listing.files[:20]:
         try:
-            wav = decode(read_bytes(f.uri, cfg.data.s3_endpoint, cfg.data.s3_region), cfg.features.sample_rate)
+            wav = decode(read_bytes(f.uri, cfg.storage.s3_endpoint, cfg.storage.s3_region), cfg.features.sample_rate)
         except (Skip, OSError):
             continue
         return crops(wav, cfg.features.clip_samples, 1, crop_rng(cfg.seed, 0, f.key))[0]

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from service.procs import free_port, start_group, stop_group, wait_http
+from cluster.procs import free_port, start_group, stop_group, wait_http
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")

@@ -21,3 +21,8 @@ def test_bad_input_is_named(args, code, needle):
     r = run(*args)
     assert r.returncode == code, r.stderr
     assert needle in r.stderr, r.stderr
+
+
+def test_register_help_names_the_real_default_alias():
+    r = run("jobs.register", "--help")
+    assert r.returncode == 0 and "'current'" in r.stdout and "latest" not in r.stdout

@@ -34,6 +34,41 @@ def test_config_rejects_unknown_and_bad_keys():
     assert load_config("base").features.grid == (6, 32)
 
 
+def test_config_overrides_api_moved_keys_and_ratio_type():
+    cfg = load_config("tiny")
+    new = cfg.with_overrides({"masking.ratio": 0.7, "run_name": "x"})
+    assert new.masking.ratio == 0.7 and new.run_name == "x" and cfg.masking.ratio != 0.7  # a copy
+    assert cfg.with_overrides({"masking.ratio": [0.6, 0.8]}).masking.ratio_range() == (0.6, 0.8)
+    for bad in ("many", [0.1, 0.2, 0.3], [0.8, 0.6]):
+        with pytest.raises(ConfigError, match="masking.ratio"):
+            cfg.with_overrides({"masking.ratio": bad})
+    with pytest.raises(ConfigError, match="masking.nosuch"):
+        cfg.with_overrides({"masking.nosuch": 1})
+    for old, new_key in (("data.s3_endpoint", "storage.s3_endpoint"), ("data.s3_region", "storage.s3_region")):
+        with pytest.raises(ConfigError, match=new_key.replace(".", r"\.")):
+            load_config("tiny", [f"{old}=http://127.0.0.1:9"])
+    assert load_config("tiny", ["storage.s3_endpoint=http://127.0.0.1:9"]).storage.s3_endpoint == "http://127.0.0.1:9"
+
+
+def test_config_hash_covers_what_a_run_learns_only():
+    cfg = load_config("tiny")
+    same = cfg.with_overrides({"run_name": "other", "data.source": "/elsewhere", "checkpoint.storage_path": "/x",
+                               "storage.s3_endpoint": "http://127.0.0.1:9", "train.workers": 2,
+                               "mlflow.registered_model": "m"})
+    assert same.hash() == cfg.hash()
+    for key, value in (("model.width", 96), ("masking.ratio", 0.8), ("ema.tau_start", 0.99), ("seed", 1),
+                       ("train.steps", 7), ("features.mean", -5.0)):
+        assert cfg.with_overrides({key: value}).hash() != cfg.hash(), key
+
+
+def test_frames_for_samples_is_one_rule():
+    fc = load_config("tiny").features
+    assert fc.frames_for(fc.clip_samples) == fc.n_frames
+    assert fc.frames_for(10) == 1 and fc.columns_for(10) == 1
+    assert fc.columns_for(fc.clip_samples) == fc.grid[1]
+    assert fc.frames_for(fc.clip_samples + fc.hop_length) == fc.n_frames + 1
+
+
 def test_config_makes_local_paths_absolute(tmp_path, monkeypatch):
     # trials and Ray workers run in other directories: a relative path must mean the caller's
     monkeypatch.chdir(tmp_path)

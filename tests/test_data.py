@@ -6,7 +6,8 @@ import pytest
 
 from conftest import GOOD, bad_files, upload_dir
 from service.config import load_config
-from service.data import (DataLedger, DataSourceError, build_dataset, check_skips, epoch_order, list_source)
+from service.data import (DataLedger, DataSourceError, build_dataset, check_skips, epoch_order, list_source,
+                          skip_summary)
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -15,16 +16,17 @@ def cfg_for(source, endpoint=None, **over):
     sets = [f"data.source={source}", "data.max_file_mb=1", "data.crops_per_file=2", "train.steps=1",
             "train.batch_size=2", "seed=3"] + [f"{k}={v}" for k, v in over.items()]
     if endpoint:
-        sets.append(f"data.s3_endpoint={endpoint}")
+        sets.append(f"storage.s3_endpoint={endpoint}")
     return load_config("tiny", sets)
 
 
 def run_pipeline(cfg, passes=1, start_epoch=0):
     import ray
-    listing = list_source(cfg.data)
+    listing = list_source(cfg)
     ledger = DataLedger.remote(len(listing.files) + len(listing.too_large), [f.uri for f in listing.too_large])
     rows = build_dataset(cfg, listing, ledger, passes=passes, start_epoch=start_epoch).take_all()
     totals = ray.get(ledger.totals.remote())
+    totals["skipped_files"] = ray.get(ledger.skipped_files.remote())
     return listing, rows, totals
 
 
@@ -48,6 +50,11 @@ def test_s3_prefix_with_bad_files_yields_exactly_the_good_clips(corpus_dir, s3_s
     assert totals["files_seen"] == len(GOOD) + len(bad_files())
     # every skipped object is named in the examples
     assert any("nan.wav" in k for k in totals["examples"]["non_finite"])
+    # the full list names each bad file once with its reason; the user gets one summary line
+    listed = {key.rsplit("/", 1)[-1]: reason for key, reason, _ in totals["skipped_files"]}
+    assert listed == {name.rsplit("/", 1)[-1]: reason for name, (_, reason) in bad_files().items()}
+    line = skip_summary(totals)
+    assert "\n" not in line and "undecodable=3" in line and "skipped.csv" in line
 
 
 def test_local_dir_and_manifest_match_s3(clean_corpus_dir, s3_server):
@@ -93,11 +100,11 @@ def test_epoch_orders_differ_and_repeat_under_seed(clean_corpus_dir):
 def test_empty_or_unreachable_source_fails_clearly(tmp_path, s3_server):
     (tmp_path / "notes.txt").write_text("no audio here")
     with pytest.raises(DataSourceError, match="no audio files"):
-        list_source(cfg_for(str(tmp_path)).data)
+        list_source(cfg_for(str(tmp_path)))
     with pytest.raises(DataSourceError, match="unreachable|no audio"):
-        list_source(cfg_for(str(tmp_path / "missing")).data)
+        list_source(cfg_for(str(tmp_path / "missing")))
     with pytest.raises(DataSourceError, match="s3://nobucket"):
-        list_source(cfg_for("s3://nobucket/x", s3_server).data)
+        list_source(cfg_for("s3://nobucket/x", s3_server))
 
 
 def test_skip_fraction_limit_message_names_reasons_and_keys():

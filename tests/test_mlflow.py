@@ -14,8 +14,8 @@ import torch
 
 from service import checkpoint as ckpt
 from service.config import load_config
-from service.procs import free_port, start_group, stop_group, wait_http
-from service.registry import AudioEncoder, load_encoder
+from cluster.procs import free_port, start_group, stop_group, wait_http
+from service.encoder import AudioEncoder, load_encoder
 from service.train import run_pretraining
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local")]

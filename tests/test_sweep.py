@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from service.procs import kill_tree
+from cluster.procs import kill_tree
 from test_evaluate import make_task
 
 pytestmark = pytest.mark.slow

@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from service.registry import AudioEncoder, load_encoder
+from service.encoder import AudioEncoder, load_encoder
 
 
 def load_model(model_file_path: str = "", device: str | None = None) -> AudioEncoder:

@@ -9,7 +9,7 @@ import os
 
 import torch
 
-from service.registry import load_encoder
+from service.encoder import load_encoder
 
 
 class AudioJEPAEncoder(torch.nn.Module):

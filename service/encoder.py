@@ -1,0 +1,163 @@
+"""The embedding API: a frozen encoder that turns waveforms of any length into frame and clip vectors.
+
+`load_encoder` accepts `models:/NAME@ALIAS`, `models:/NAME/VERSION`, `runs:/…`, an `encoder.pt`, or a
+checkpoint directory (local or s3://), in any process, without Ray.  The readout (patch tokens ->
+frame vectors -> clip vector) is written once, here: `embed`, the adapters, the training probe,
+`jobs.evaluate` and the random-init baseline all go through it, so comparisons are like for like.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from service import checkpoint as ckpt
+from service.config import Config, config_from_dict
+from service.features import LogMel, patchify
+from service.model import Encoder
+
+ENCODER_FILE = "encoder.pt"
+POOLINGS = ("mean", "meanmax")
+
+
+def frame_readout(tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Patch tokens [c, F*T, D] -> one vector per patch column [c, T, D] (mean over frequency rows)."""
+    gf, gt = grid
+    return tokens.reshape(-1, gf, gt, tokens.shape[-1]).mean(dim=1)
+
+
+def clip_readout(frames: torch.Tensor, n_valid: torch.Tensor, pooling: str = "mean") -> torch.Tensor:
+    """Frame vectors [B, T, D] -> clip vectors [B, D] (meanmax: [B, 2D]) over each clip's first n_valid frames."""
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling {pooling!r}: expected one of {POOLINGS}")
+    valid = torch.arange(frames.shape[1])[None, :] < n_valid[:, None]  # [B, T]
+    w = valid.unsqueeze(-1).to(frames.dtype)
+    mean = (frames * w).sum(1) / w.sum(1).clamp_min(1)
+    if pooling == "mean":
+        return mean
+    return torch.cat([mean, frames.masked_fill(~valid.unsqueeze(-1), float("-inf")).amax(1)], dim=-1)
+
+
+class AudioEncoder(torch.nn.Module):
+    """Frozen target encoder + front end: waveforms of any length -> clip or frame embeddings."""
+
+    def __init__(self, cfg: Config, encoder_state: dict | None = None, device: str | torch.device | None = None,
+                 source: str = ""):
+        super().__init__()
+        fc = cfg.features
+        self.cfg, self.source = cfg, source
+        self.frontend = LogMel(fc)
+        self.encoder = Encoder(fc.patch_freq * fc.patch_time, fc.grid, cfg.model)
+        if encoder_state is not None:
+            self.encoder.load_state_dict(encoder_state)
+        self.eval().requires_grad_(False)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.to(self.device)
+
+    @property
+    def sample_rate(self) -> int:
+        return self.cfg.features.sample_rate
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.cfg.model.width
+
+    @property
+    def hop_ms(self) -> float:
+        """Time between frame embeddings (one per patch column)."""
+        return self.cfg.features.patch_time * self.cfg.features.hop_ms
+
+    @torch.no_grad()
+    def embed_frames(self, wav, batch_chunks: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, samples] at sample_rate -> ([B, T', D] frame embeddings, [B, T'] centre times in ms).
+
+        Long audio is cut into consecutive clips of the training length; the last clip (or short
+        audio) is zero-padded and frames that lie wholly in the padding are dropped.
+        """
+        wav = torch.as_tensor(wav, dtype=torch.float32)
+        if wav.dim() == 1:
+            wav = wav[None]
+        fc = self.cfg.features
+        b, n = wav.shape
+        clip, step = fc.clip_samples, fc.n_frames * fc.hop_length  # consecutive, non-overlapping frames
+        n_chunks = -(-fc.frames_for(n) // fc.n_frames)
+        padded = torch.zeros(b, (n_chunks - 1) * step + clip)
+        padded[:, :n] = wav
+        chunks = padded.unfold(1, clip, step).reshape(b * n_chunks, clip)
+        outs = []
+        for i in range(0, chunks.shape[0], batch_chunks):
+            spec = self.frontend(chunks[i:i + batch_chunks].to(self.device))
+            tokens = self.encoder(patchify(spec, fc.patch_freq, fc.patch_time))
+            outs.append(frame_readout(tokens, fc.grid).float().cpu())
+        frames = torch.cat(outs).reshape(b, n_chunks * fc.grid[1], -1)
+        keep = max(1, min(frames.shape[1], fc.columns_for(n)))  # columns that start inside the audio
+        frames = frames[:, :keep]
+        centre_frame = torch.arange(keep, dtype=torch.float64) * fc.patch_time + fc.patch_time / 2
+        t_ms = (centre_frame * fc.hop_ms + fc.win_ms / 2).float().expand(b, keep).clone()
+        return frames, t_ms
+
+    @torch.no_grad()
+    def embed(self, wav, lengths=None, pooling: str = "mean") -> torch.Tensor:
+        """[B, samples] -> [B, D]: pooled frame embeddings.
+
+        `lengths` (samples of real audio per row, when rows of different lengths were zero-padded to
+        one batch) keeps each clip's pooling to its own frames.
+        """
+        wav = torch.as_tensor(wav, dtype=torch.float32)
+        if wav.dim() == 1:
+            wav = wav[None]
+        frames, _ = self.embed_frames(wav)
+        lengths = [wav.shape[1]] * wav.shape[0] if lengths is None else lengths
+        n_valid = torch.tensor([max(1, self.cfg.features.columns_for(int(n))) for n in lengths])
+        return clip_readout(frames, n_valid, pooling)
+
+    def forward(self, wav):
+        return self.embed(wav)
+
+
+def encoder_artifact(state: dict, path: str | Path) -> Path:
+    """Write encoder.pt (target encoder weights + config JSON) from a checkpoint state."""
+    torch.save({"config": state["config"], "target_encoder": state["target_encoder"], "step": state["step"]}, path)
+    return Path(path)
+
+
+def load_encoder_file(path: str | Path, device=None, source: str = "") -> AudioEncoder:
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    return AudioEncoder(config_from_dict(json.loads(blob["config"])), blob["target_encoder"], device, source)
+
+
+def checkpoint_state(uri: str, endpoint: str | None = None) -> dict:
+    """Verified state of a checkpoint directory, local or s3:// (state.pt and its marker are fetched)."""
+    if not uri.startswith("s3://"):
+        return ckpt.load_state(uri)
+    from service.storage import read_bytes
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in (ckpt.STATE, ckpt.MARKER):
+            Path(tmp, name).write_bytes(read_bytes(uri.rstrip("/") + "/" + name, endpoint))
+        return ckpt.load_state(tmp)
+
+
+def load_encoder(uri: str, device: str | torch.device | None = None) -> AudioEncoder:
+    """`models:/NAME@ALIAS`, `models:/NAME/VERSION`, `runs:/ID/encoder` or a checkpoint dir -> AudioEncoder."""
+    if uri.startswith(("models:/", "runs:/", "mlflow-artifacts:/")):
+        import mlflow
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a log line per file in job logs
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+        found = list(local.rglob(ENCODER_FILE))
+        if not found:
+            raise FileNotFoundError(f"{uri} has no {ENCODER_FILE}: not an Audio-JEPA model")
+        return load_encoder_file(found[0], device, uri)
+    p = Path(uri)
+    if p.is_file() and p.name == ENCODER_FILE:
+        return load_encoder_file(p, device, uri)
+    state = checkpoint_state(uri)
+    return AudioEncoder(ckpt.config_of(state), state["target_encoder"], device, uri)
+
+
+def random_encoder(cfg: Config, seed: int = 0, device=None) -> AudioEncoder:
+    """Random-init encoder of the same architecture: the floor a pretrained model must beat."""
+    torch.manual_seed(seed)
+    return AudioEncoder(cfg, None, device, "random")

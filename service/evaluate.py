@@ -1,0 +1,75 @@
+"""Evaluate frozen embeddings on labeled tasks, always beside the baselines (random init, log-mel).
+
+Every model goes through the encoder's one readout and the same probes on the same splits; the
+metrics are logged on the MLflow run that produced a registered version.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+from service import tracking
+from service.config import load_config
+from service.encoder import load_encoder, random_encoder
+from service.probe import (cached, encoder_features, load_audio, load_task, logmel_features, markdown_table,
+                           run_probes)
+
+
+def evaluate(model_uri: str, tasks: list[str], config: str | None = None, overrides: list[str] | None = None,
+             cache_dir: str | None = None, pooling: str = "mean", endpoint: str | None = None,
+             log_to_mlflow: bool = True, progress=print) -> dict:
+    """Probe `model_uri` (or only `random` init of `config`) on each task's test split; returns the summary."""
+    if model_uri == "random":
+        if not config:
+            raise ValueError("--model-uri random needs --config (the architecture to initialise)")
+        cfg = load_config(config, overrides)
+        encoder = None
+    else:
+        encoder = load_encoder(model_uri)
+        cfg = encoder.cfg
+    rnd = random_encoder(cfg, seed=cfg.seed)
+    models = {"jepa": encoder, "random": rnd} if encoder is not None else {"random": rnd}
+    results, tables = [], []
+    for task_uri in tasks:
+        t0 = time.time()
+        task = load_task(task_uri, endpoint)
+        wavs, keep = load_audio(task, cfg.features.sample_rate, endpoint)
+        y = np.asarray(task.labels)[keep]
+        split = np.asarray(task.splits)[keep]
+        progress(f"task {task.name}: {len(wavs)} clips ({len(task.skipped)} skipped), "
+                 f"{len(set(y))} classes, splits {dict(zip(*np.unique(split, return_counts=True)))}")
+        rows = []
+        for name, enc in models.items():
+            key = {"model": model_uri if name == "jepa" else f"random:{cfg.hash()}:{cfg.seed}",
+                   "task": task_uri, "manifest": task.manifest_sha, "pooling": pooling}
+            X = cached(cache_dir, key, lambda enc=enc: encoder_features(enc, wavs, pooling))
+            rows += [{"model": name, **r} for r in run_probes(X, y, split)]
+        key = {"model": "logmel", "features": repr(cfg.features), "task": task_uri, "manifest": task.manifest_sha}
+        X = cached(cache_dir, key, lambda: logmel_features(wavs, cfg.features))
+        rows += [{"model": "logmel", **r} for r in run_probes(X, y, split)]
+        for r in rows:
+            r["task"] = task.name
+        results += rows
+        table = markdown_table(rows, task.name)
+        tables.append(table)
+        progress(table + f"\n({time.time() - t0:.1f} s)")
+    summary = {"status": "succeeded", "model_uri": model_uri, "results": results, "markdown": "\n\n".join(tables)}
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if log_to_mlflow and uri and model_uri.startswith("models:/"):
+        summary["mlflow_run_id"] = log_results(uri, model_uri, results)
+    return summary
+
+
+def log_results(uri: str, model_uri: str, results: list[dict]) -> str | None:
+    """Metrics eval.<task>.<model>.<probe>.<metric> on the run that produced the registered version."""
+    c = tracking.client(uri)
+    name, _, ref = model_uri[len("models:/"):].partition("@")
+    mv = c.get_model_version_by_alias(name, ref) if ref else c.get_model_version(*name.split("/", 1))
+    if not mv.run_id:
+        return None
+    for r in results:
+        for m in ("accuracy", "macro_f1"):
+            c.log_metric(mv.run_id, f"eval.{r['task']}.{r['model']}.{r['probe']}.{m}", r[m])
+    return mv.run_id
