@@ -10,6 +10,19 @@ from pathlib import Path
 
 from service.config import Config, ConfigError, load_config
 
+# Framework chatter off at the default log level.  Read at import or worker start, so set when this module is
+# imported (before ray.data / mlflow are) and shipped to every Ray worker through the runtime env.
+QUIET_ENV = {
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",            # Train V2's print() writes each line twice (stdout + log)
+    "RAY_DATA_LOG_LEVEL": "WARNING",                # "Starting execution of Dataset…", execution plans
+    "RAY_TQDM": "0",                                # Ray Data progress bars: a line per update in job logs
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # a line per downloaded file in job logs
+    "MLFLOW_LOGGING_LEVEL": "WARNING",              # `import mlflow` resets its logger to INFO otherwise
+    "PYTHONWARNINGS": "ignore:`ExecutionOptions.exclude_resources` is deprecated",  # Ray-internal
+}
+for _k, _v in QUIET_ENV.items():
+    os.environ.setdefault(_k, _v)
+
 PASS_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
             "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "MLFLOW_TRACKING_URI",
             "MLFLOW_TRACKING_TOKEN", "MLFLOW_S3_ENDPOINT_URL")
@@ -57,15 +70,15 @@ def init_ray(min_cpus: int = 1) -> None:
     import ray
     if ray.is_initialized():
         return
-    env = {k: os.environ[k] for k in PASS_ENV if k in os.environ}
+    env = {k: os.environ[k] for k in PASS_ENV + tuple(QUIET_ENV) if k in os.environ}
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env={"env_vars": env}, log_to_driver=True)
+        ray.init(runtime_env={"env_vars": env}, log_to_driver=True, logging_level=logging.WARNING)
     else:
         # the dashboard (127.0.0.1 only) serves the state API that Ray Train's placement-group
         # cleaner needs; without it a finished run's CPUs stay reserved and later runs starve
         ray.init(address="local", num_cpus=max(os.cpu_count() or 1, min_cpus), include_dashboard=True,
-                 dashboard_host="127.0.0.1", runtime_env={"env_vars": env})
+                 dashboard_host="127.0.0.1", runtime_env={"env_vars": env}, logging_level=logging.WARNING)
 
 
 def write_summary(path: Path | None, summary: dict) -> None:

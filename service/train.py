@@ -300,6 +300,10 @@ class WorkerRun:
 
 def train_loop_per_worker(loop_cfg: dict) -> None:
     """Runs on every Ray Train worker."""
+    import logging
+    # Train logs every report ("Reporting training result … TrainingReport(…)") at INFO under a logger
+    # named by its file path, which Train's own level setting misses; our progress line says it once
+    logging.getLogger().setLevel(logging.WARNING)
     run = WorkerRun(loop_cfg)
     if run.step >= run.total:
         run.finished_before()
@@ -352,6 +356,7 @@ def run_pretraining(cfg: Config, progress=print, parent_run_id: str | None = Non
             name=cfg.run_name, storage_path=storage_path, storage_filesystem=storage_fs,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
             failure_config=ray.train.FailureConfig(max_failures=cfg.failure.max_failures),
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
             callbacks=callbacks or None),
         datasets={"train": dataset},
     )

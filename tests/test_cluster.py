@@ -101,6 +101,10 @@ def test_cluster_up_submit_e2e_and_down(tmp_path, clean_corpus_dir):
         out = subprocess.run(cmd, env=full, capture_output=True, text=True, timeout=600, cwd=ROOT)
         assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
         assert "Job 'e2e-1' succeeded" in out.stdout + out.stderr
+        # the user's terminal: each progress line once, no per-report framework dump
+        logs = out.stdout + out.stderr
+        assert sum("step 5/10 (50%)" in line for line in logs.splitlines()) == 1, logs[-4000:]
+        assert "Reporting training result" not in logs and "TrainingReport(" not in logs
         s = json.loads(summary.read_text())
         assert s["status"] == "succeeded" and s["final_step"] == 10 and s["checkpoint"].startswith("s3://e2e/runs/")
         assert s["registered_model"]["name"] == "e2e-model"
