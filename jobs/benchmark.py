@@ -9,6 +9,10 @@
         same files; and the data-wait fraction of a short tiny training run.
     python -m jobs.benchmark train --config tiny --source DIR_OR_S3 [--json PATH]
         steady-state clips/s with 1 and 2 workers, and recovery time (worker kill -> first step).
+    python -m jobs.benchmark quality [--config tiny] [--steps 200,400] [--seeds 3] [--ablate all] [--json PATH]
+        pretraining vs the same-seed random init (same readout, same probes) on the dev tasks' test
+        splits, beside log-mel: mean ± standard error over seeds, a Markdown table and a plot
+        (default data: the demo corpus in var/demo-corpus, built if missing).
 """
 from __future__ import annotations
 
@@ -144,6 +148,9 @@ def bench_data(args) -> None:
 
     cfg = load_config(args.config, args.overrides + [f"data.source={args.source}"])
     listing = list_source(cfg)
+    if cfg.features.mean is None:
+        from service.data import measure_stats
+        cfg = cfg.with_overrides(measure_stats(cfg, listing))
     rng = np.random.default_rng(0)
     listing.files = [listing.files[i] for i in sorted(rng.choice(len(listing.files),
                                                                  min(args.files, len(listing.files)), replace=False))]
@@ -154,10 +161,11 @@ def bench_data(args) -> None:
     for f in listing.files:
         try:
             wav = decode(read_bytes(f.uri, cfg.storage.s3_endpoint), cfg.features.sample_rate, cfg.data.max_channels,
-                         cfg.data.min_seconds)
+                         cfg.data.min_seconds, cfg.data.trim_silence)
         except Skip:
             continue
-        for c in crops(wav, cfg.features.clip_samples, cfg.data.crops_per_file, crop_rng(cfg.seed, 0, f.key)):
+        for c in crops(wav, cfg.features.clip_samples, cfg.data.crops_per_file, crop_rng(cfg.seed, 0, f.key),
+                       cfg.data.short_audio):
             fe(torch.from_numpy(c)[None])
             naive_clips += 1
     naive_s = time.perf_counter() - t0
@@ -227,15 +235,63 @@ def bench_train(args) -> None:
     emit(res, rows, args.json)
 
 
+# --- quality ---------------------------------------------------------------------------------
+DEMO_DIR = Path("var/demo-corpus")
+
+
+def bench_quality(args) -> None:
+    from service.config import load_config
+    from service.study import ABLATIONS, plot, run_study, table
+
+    if not args.source:
+        from jobs.demo import DEV_TASKS
+        from jobs.make_demo_corpus import main as make_corpus
+        if not (DEMO_DIR / "tasks" / DEV_TASKS[-1] / "manifest.csv").exists():
+            make_corpus(["--out", str(DEMO_DIR)])
+        args.source = str(DEMO_DIR / "pretrain")
+        args.task = args.task or [str(DEMO_DIR / "tasks" / t) for t in DEV_TASKS]
+    if not args.task:
+        raise SystemExit("quality needs --task (one or more labeled tasks) when --source is given")
+    ablate = list(ABLATIONS) if args.ablate == "all" else [a for a in (args.ablate or "").split(",") if a]
+    unknown = sorted(set(ablate) - set(ABLATIONS))
+    if unknown:
+        raise SystemExit(f"--ablate {','.join(unknown)}: unknown (choose from {', '.join(ABLATIONS)} or all)")
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    base = load_config(args.config, args.overrides + [f"data.source={args.source}", "mlflow.tracking_uri="])
+    init_ray(min_cpus=base.train.workers * base.train.cpus_per_worker + 1)
+    budgets = [int(x) for x in str(args.steps or "200,400").split(",")]
+    out = Path(args.json or "var/quality/quality.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_suffix(".partial.json")
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = run_study(base, [str(Path(t).resolve()) if "://" not in t else t for t in args.task], budgets,
+                         args.seeds, tmp, str(out.parent / "cache"), ablate, args.ablation_steps, args.ablation_seeds,
+                         on_rows=lambda r: partial.write_text(json.dumps(r, indent=1)))
+    partial.unlink(missing_ok=True)
+    md = table(rows)
+    png = plot(rows, str(out.with_suffix(".png")))
+    out.with_suffix(".md").write_text(md + "\n")
+    print(md, flush=True)
+    emit({"config": args.config, "budgets": budgets, "seeds": args.seeds, "ablations": ablate, "rows": rows,
+          "markdown": md, "plot": png}, [("table", str(out.with_suffix(".md"))), ("plot", png)], str(out))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.benchmark", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["model", "data", "train"])
+    p.add_argument("what", choices=["model", "data", "train", "quality"])
     p.add_argument("--config", default="tiny")
     p.add_argument("--set", dest="overrides", action="append", default=[])
     p.add_argument("--source", help="data for `data` and `train`")
     p.add_argument("--files", type=int, default=200, help="data: files to read")
-    p.add_argument("--steps", type=int, default=20, help="model: timed steps; train: steps per run")
+    p.add_argument("--steps", default=None, help="model: timed steps (20); train: steps per run (20); "
+                   "quality: pretraining budgets, comma-separated (200,400)")
+    p.add_argument("--seeds", type=int, default=3, help="quality: seeds per budget")
+    p.add_argument("--task", action="append", default=[], help="quality: labeled task (repeatable)")
+    p.add_argument("--ablate", default="", help="quality: recipe changes to switch back one at a time "
+                   "(padding,stats,ema,readout,ratio or all)")
+    p.add_argument("--ablation-steps", type=int, default=0, help="quality: budget of the ablations (default: the last)")
+    p.add_argument("--ablation-seeds", type=int, default=2)
     p.add_argument("--train-steps", type=int, default=60, help="data: short training run for the wait fraction")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--json")
@@ -243,7 +299,9 @@ def main(argv=None) -> int:
     setup_logging()
     if args.what in ("data", "train") and not args.source:
         p.error(f"{args.what} needs --source")
-    {"model": bench_model, "data": bench_data, "train": bench_train}[args.what](args)
+    if args.what != "quality":
+        args.steps = int(args.steps or 20)
+    {"model": bench_model, "data": bench_data, "train": bench_train, "quality": bench_quality}[args.what](args)
     return 0
 
 

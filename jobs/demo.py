@@ -20,6 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "s3://demo"
+DEV_TASKS = ("instrument_family", "spoken_digit", "spoken_language")  # built by jobs.make_demo_corpus
 
 
 def step(msg: str) -> None:
@@ -61,7 +62,7 @@ def main(argv=None) -> int:
     make_corpus(["--out", f"{BUCKET}/corpus", "--cache", str(ROOT / "var" / "demo-cache")])
 
     step(f"3/5 pretraining ({args.steps} steps) via ray job submit")
-    tasks = [f"{BUCKET}/corpus/tasks/instrument_family", f"{BUCKET}/corpus/tasks/spoken_digit"]
+    tasks = [f"{BUCKET}/corpus/tasks/{t}" for t in DEV_TASKS]
     submit(env, ["python", "-m", "jobs.pretrain", "--config", "tiny",
                  "--set", f"data.source={BUCKET}/corpus/pretrain", "--set", f"train.steps={args.steps}", "--set", f"train.threads_per_worker={os.cpu_count() or 1}",
                  "--set", f"checkpoint.storage_path={BUCKET}/runs", "--set", f"run_name=demo-tiny-{args.steps}",

@@ -23,7 +23,8 @@ def main(argv=None) -> int:
     p.add_argument("--task", action="append", required=True, help="task dir or s3:// prefix with manifest.csv")
     p.add_argument("--config", help="config for --model-uri random (YAML or tiny/base)")
     p.add_argument("--set", dest="overrides", action="append", default=[])
-    p.add_argument("--pooling", choices=["mean", "meanmax"], default="mean")
+    p.add_argument("--pooling", choices=["mean", "meanstd", "meanmax"], default=None,
+                   help="clip pooling (default: the model's readout.pooling)")
     p.add_argument("--cache-dir", default=os.environ.get("AUDIO_JEPA_CACHE", str(Path.home() / ".cache/audio-jepa")))
     p.add_argument("--s3-endpoint", default=None)
     p.add_argument("--markdown", type=Path, help="also write the table here")

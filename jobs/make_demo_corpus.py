@@ -1,11 +1,16 @@
 """Build the real-audio demo corpus and two labeled dev tasks from Debian packages (no internet needed
 beyond the Debian archive): `python -m jobs.make_demo_corpus --out DIR_OR_S3`.
 
-    OUT/pretrain/   unlabeled audio: Tux Paint's recorded sounds and narrations, KLettres' spoken
-                    letters (23 languages), notes rendered from the FluidR3 soundfont, espeak-ng speech
-    OUT/tasks/instrument_family/   16 GM families; train/valid rendered with FluidR3, test with the
-                    MuseScore soundfont (soundfont-disjoint)
-    OUT/tasks/spoken_digit/        'zero'..'nine' spoken by espeak-ng voices; voice-disjoint splits
+    OUT/pretrain/   unlabeled audio: Tux Paint's recorded sounds and narrations, notes rendered from
+                    the FluidR3 soundfont, espeak-ng speech by voices that no dev task tests on
+    OUT/tasks/instrument_family/   16 GM families; train FluidR3, valid TimGM6mb, test MuseScore
+                    (a soundfont per split)
+    OUT/tasks/spoken_digit/        'zero'..'nine' spoken by espeak-ng voices; a voice per split only
+    OUT/tasks/spoken_language/     which of 20 languages' KLettres speaker says a letter or syllable
+                    (real recordings, none of them in pretrain/); each recording in one split
+
+Every task's splits are disjoint by source group (soundfont, voice, recording), the same way for
+valid as for test, and no valid/test source is in pretrain/.
 
 Idempotent: files already built (and objects already uploaded) are kept.  Packages are cached.
 """
@@ -22,7 +27,8 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-DEBS = ["fluid-soundfont-gm", "musescore-general-soundfont-small", "tuxpaint-stamps-default", "klettres-data",
+DEBS = ["fluid-soundfont-gm", "musescore-general-soundfont-small", "timgm6mb-soundfont", "tuxpaint-stamps-default",
+        "klettres-data",
         "espeak-ng", "espeak-ng-data", "libespeak-ng1", "libpcaudio0", "libsonic0", "libpulse0", "libsndfile1",
         "libasyncns0", "libflac12", "libvorbis0a", "libvorbisenc2", "libopus0", "libogg0", "libmpg123-0",
         "libmp3lame0"]
@@ -108,12 +114,12 @@ class Notes:
 
 
 def build_pretrain(root: Path, out: Path, espeak: Espeak, rng: np.random.Generator, n_notes: int,
-                   n_speech: int) -> int:
+                   n_speech: int, voices: list[str]) -> int:
+    """Unlabeled audio; speech only by `voices` (none a dev task validates or tests on)."""
     dst = out / "pretrain"
     n = 0
-    say("copying recorded sounds (Tux Paint stamps, KLettres)")
-    for src_dir, name in ((root / "usr/share/tuxpaint/stamps", "tuxpaint"),
-                          (root / "usr/share/klettres", "klettres")):
+    say("copying recorded sounds (Tux Paint stamps)")
+    for src_dir, name in ((root / "usr/share/tuxpaint/stamps", "tuxpaint"),):
         for p in sorted(src_dir.rglob("*")):
             if p.suffix.lower() in (".ogg", ".wav", ".flac") and p.is_file():
                 target = dst / name / p.relative_to(src_dir)
@@ -132,7 +138,7 @@ def build_pretrain(root: Path, out: Path, espeak: Espeak, rng: np.random.Generat
     say(f"rendering {n_speech} spoken sentences (espeak-ng)")
     for i in range(n_speech):
         p = dst / "speech" / f"speech_{i:05d}.wav"
-        voice = f"{ACCENTS[int(rng.integers(len(ACCENTS)))]}+{espeak.variants[int(rng.integers(len(espeak.variants)))]}"
+        voice = voices[int(rng.integers(len(voices)))]
         text = " ".join(rng.choice(WORDS, int(rng.integers(4, 10))))
         speed, pitch = int(rng.integers(120, 200)), int(rng.integers(25, 75))
         if not p.exists():
@@ -143,14 +149,57 @@ def build_pretrain(root: Path, out: Path, espeak: Espeak, rng: np.random.Generat
     return n
 
 
+# instrument_family: one soundfont per split (the source group), so valid ranks what test measures
+INSTRUMENT_PLAN = [("sf2/FluidR3_GM.sf2", "train", (48, 55, 62, 69)), ("sf2/TimGM6mb.sf2", "valid", (52, 65)),
+                   ("sf3/MuseScore_General_Lite.sf3", "test", (50, 60, 71))]
+
+
+def digit_voice_splits(voices: list[str], rng: np.random.Generator, n_voices: int) -> dict[str, list[str]]:
+    """Voices (the source group) drawn for the spoken-digit task, 60/15/25 % to train/valid/test."""
+    chosen = [voices[i] for i in rng.choice(len(voices), n_voices, replace=False)]
+    n_train, n_valid = int(0.6 * n_voices), int(0.15 * n_voices)
+    return {"train": chosen[:n_train], "valid": chosen[n_train:n_train + n_valid],
+            "test": chosen[n_train + n_valid:]}
+
+
+def language_splits(files: list[str], per_language: int = 60) -> list[tuple[str, str, str]]:
+    """(file, language, split) for KLettres recordings `<lang>/<alpha|syllab>/<name>.ogg`: at most
+    `per_language` per language, each recording (the source group) in one split by a stable hash."""
+    import zlib
+    by_lang: dict[str, list[str]] = {}
+    for f in sorted(files):
+        by_lang.setdefault(f.split("/")[0], []).append(f)
+    rows = []
+    for lang, fs in sorted(by_lang.items()):
+        fs = sorted(fs, key=lambda f: zlib.crc32(f.encode()))[:per_language]
+        for i, f in enumerate(fs):
+            split = ("train", "train", "train", "valid", "test")[i % 5]
+            rows.append((f, lang, split))
+    return rows
+
+
+def build_language_task(root: Path, out: Path) -> int:
+    """Spoken-language identity from KLettres' real recordings (not in pretrain/)."""
+    src = root / "usr/share/klettres"
+    dst = out / "tasks" / "spoken_language"
+    files = [p.relative_to(src).as_posix() for p in src.rglob("*.ogg") if p.parent.name in ("alpha", "syllab")]
+    rows = []
+    for f, lang, split in language_splits(files):
+        name = f"{split}/{f.replace('/', '_')}"
+        if not (dst / name).exists():
+            (dst / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src / f, dst / name)
+        rows.append((name, lang, split))
+    (dst / "manifest.csv").write_text("path,label,split\n" + "".join(f"{a},{b},{c}\n" for a, b, c in rows))
+    return len(rows)
+
+
 def build_instrument_task(root: Path, out: Path) -> int:
-    """16 GM families (program // 8); train/valid on FluidR3, test on MuseScore: soundfont-disjoint."""
+    """16 GM families (program // 8), a soundfont per split."""
     dst = out / "tasks" / "instrument_family"
     rows = []
-    plan = [("FluidR3_GM.sf2", "sf2", "train", (48, 55, 62, 69)), ("FluidR3_GM.sf2", "sf2", "valid", (52, 65)),
-            ("MuseScore_General_Lite.sf3", "sf3", "test", (50, 60, 71))]
-    for sf_name, sub, split, keys in plan:
-        notes = Notes(root / "usr/share/sounds" / sub / sf_name)
+    for sf_path, split, keys in INSTRUMENT_PLAN:
+        notes = Notes(root / "usr/share/sounds" / sf_path)
         for prog in range(128):
             for key in keys:
                 name = f"{split}/p{prog:03d}_k{key}.wav"
@@ -162,15 +211,11 @@ def build_instrument_task(root: Path, out: Path) -> int:
     return len(rows)
 
 
-def build_digit_task(out: Path, espeak: Espeak, rng: np.random.Generator, n_voices: int = 60) -> int:
+def build_digit_task(out: Path, espeak: Espeak, rng: np.random.Generator, splits: dict[str, list[str]]) -> int:
     """'zero'..'nine' by espeak-ng voices (accent + variant); speakers never cross splits."""
     dst = out / "tasks" / "spoken_digit"
-    voices = sorted({f"{a}+{v}" for a in ACCENTS for v in espeak.variants})
-    chosen = [voices[i] for i in rng.choice(len(voices), n_voices, replace=False)]
-    n_train, n_valid = int(0.6 * n_voices), int(0.15 * n_voices)
     rows = []
-    for j, voice in enumerate(chosen):
-        split = "train" if j < n_train else "valid" if j < n_train + n_valid else "test"
+    for j, (split, voice) in enumerate((s, v) for s in ("train", "valid", "test") for v in splits[s]):
         speed, pitch = int(rng.integers(130, 190)), int(rng.integers(30, 70))
         for word in DIGITS:
             name = f"{split}/v{j:03d}_{word}.wav"
@@ -234,15 +279,21 @@ def main(argv=None) -> int:
     root = fetch_packages(cache)
     espeak = Espeak(root)
     rng = np.random.default_rng(args.seed)
-    n_pre = build_pretrain(root, build, espeak, rng, args.notes, args.speech)
-    say("rendering the instrument-family task (FluidR3 train/valid, MuseScore test)")
+    voices = sorted({f"{a}+{v}" for a in ACCENTS for v in espeak.variants})
+    digit_rng = np.random.default_rng(args.seed + 1)
+    digit_voices = digit_voice_splits(voices, digit_rng, args.voices)
+    held_out = set(digit_voices["valid"]) | set(digit_voices["test"])
+    n_pre = build_pretrain(root, build, espeak, rng, args.notes, args.speech, [v for v in voices if v not in held_out])
+    say("rendering the instrument-family task (FluidR3 train, TimGM6mb valid, MuseScore test)")
     n_inst = build_instrument_task(root, build)
     say("rendering the spoken-digit task (voice-disjoint)")
-    n_dig = build_digit_task(build, espeak, np.random.default_rng(args.seed + 1), args.voices)
+    n_dig = build_digit_task(build, espeak, digit_rng, digit_voices)
+    say("copying the spoken-language task (KLettres recordings, recording-disjoint)")
+    n_lang = build_language_task(root, build)
     if remote:
         upload(build, args.out, args.s3_endpoint)
     say(f"done in {time.time() - t0:.0f} s: {n_pre} pretraining files, instrument_family {n_inst} clips, "
-        f"spoken_digit {n_dig} clips -> {args.out}")
+        f"spoken_digit {n_dig} clips, spoken_language {n_lang} clips -> {args.out}")
     return 0
 
 

@@ -33,8 +33,12 @@ def _resampler(orig: int, new: int) -> torchaudio.transforms.Resample:
     return torchaudio.transforms.Resample(orig, new)
 
 
-def decode(data: bytes, sample_rate: int, max_channels: int = 16, min_seconds: float = 0.25) -> np.ndarray:
-    """Bytes of any soundfile-supported format -> mono float32 at `sample_rate`, validated."""
+def decode(data: bytes, sample_rate: int, max_channels: int = 16, min_seconds: float = 0.25,
+           trim: bool = False) -> np.ndarray:
+    """Bytes of any soundfile-supported format -> mono float32 at `sample_rate`, validated.
+
+    `trim` drops leading/trailing digital silence (training data: silence is not a thing to predict).
+    """
     if not data:
         raise Skip("empty")
     try:
@@ -58,6 +62,10 @@ def decode(data: bytes, sample_rate: int, max_channels: int = 16, min_seconds: f
         raise Skip("too_short", f"{mono.shape[0] / sr:.3f} s")
     if np.abs(mono).max() <= SILENCE_PEAK:
         raise Skip("silent", f"peak {np.abs(mono).max():.2e}")
+    if trim:
+        mono = trim_silence(mono)
+        if mono.shape[0] < min_seconds * sr:
+            raise Skip("too_short", f"{mono.shape[0] / sr:.3f} s without leading/trailing silence")
     if sr != sample_rate:
         with torch.no_grad():
             mono = _resampler(sr, sample_rate)(torch.from_numpy(mono)).numpy()
@@ -69,13 +77,33 @@ def crop_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
     return np.random.default_rng([seed, epoch, zlib.crc32(key.encode())])
 
 
-def crops(wav: np.ndarray, clip_samples: int, max_crops: int, rng: np.random.Generator) -> list[np.ndarray]:
-    """Random non-overlapping-on-average crops of a long file; a short file is zero-padded once."""
+def trim_silence(wav: np.ndarray, threshold: float = SILENCE_PEAK) -> np.ndarray:
+    """Drop leading and trailing digital silence (|x| <= threshold): it carries nothing to learn."""
+    loud = np.flatnonzero(np.abs(wav) > threshold)
+    return wav[loud[0]:loud[-1] + 1] if len(loud) else wav
+
+
+def fill(wav: np.ndarray, n: int, short_audio: str = "loop") -> np.ndarray:
+    """Exactly n samples from audio that may be shorter: repeated end to end (loop) or zero-padded (pad)."""
+    if wav.shape[0] >= n:
+        return wav[:n]
+    if short_audio == "loop":
+        return np.tile(wav, -(-n // wav.shape[0]))[:n].astype(np.float32, copy=False)
+    out = np.zeros(n, dtype=np.float32)
+    out[:wav.shape[0]] = wav
+    return out
+
+
+def crops(wav: np.ndarray, clip_samples: int, max_crops: int, rng: np.random.Generator,
+          short_audio: str = "loop") -> list[np.ndarray]:
+    """Random crops spread over a long file; a short file gives one clip, looped (or zero-padded) to length.
+
+    Looping keeps every patch real audio: zero padding makes constant "silence" patches that position
+    alone predicts, a free lunch for the JEPA loss that teaches nothing.
+    """
     n = wav.shape[0]
     if n <= clip_samples:
-        out = np.zeros(clip_samples, dtype=np.float32)
-        out[:n] = wav
-        return [out]
+        return [fill(wav, clip_samples, short_audio)]
     k = int(min(max_crops, n // clip_samples)) or 1
     # split the file into k equal segments and crop randomly inside each: spread, no duplicates
     seg = n // k

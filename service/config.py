@@ -33,8 +33,8 @@ class FeaturesConfig:
     win_ms: float = 25.0
     hop_ms: float = 10.0
     frontend: str = "mel"           # mel (batched torchaudio MelSpectrogram) | kaldi (Kaldi fbank)
-    mean: float = -11.8             # normalisation: (logmel - mean) / std (demo-corpus statistics)
-    std: float = 9.6
+    mean: float | None = None       # normalisation (logmel - mean) / std; null = measured on the run's data
+    std: float | None = None        # at start (real frames only) and then stored in config/checkpoint/model
     patch_freq: int = 16
     patch_time: int = 16
 
@@ -67,7 +67,9 @@ class FeaturesConfig:
     def validate(self) -> None:
         _check(self.frontend in ("mel", "kaldi"), "features.frontend", self.frontend, "mel or kaldi")
         _check(self.sample_rate >= 4000, "features.sample_rate", self.sample_rate, ">= 4000")
-        _check(self.std > 0, "features.std", self.std, "> 0")
+        _check(self.std is None or self.std > 0, "features.std", self.std, "> 0 or null (measured)")
+        _check((self.mean is None) == (self.std is None), "features.mean", self.mean,
+               "set together with features.std (or both null: measured from the data)")
         _check(self.n_mels % self.patch_freq == 0, "features.n_mels", self.n_mels,
                f"a multiple of features.patch_freq={self.patch_freq}")
         _check(self.n_frames % self.patch_time == 0, "features.n_frames", self.n_frames,
@@ -88,6 +90,9 @@ class DataConfig:
     features_in: str = "pipeline"   # pipeline (CPU, Ray Data) | trainer (in the train step, e.g. on GPU)
     read_retries: int = 5           # transient S3 errors
     concurrency: int = 0            # decode tasks at once; 0 = as many as free CPUs (sweeps: 1 per trial)
+    short_audio: str = "loop"       # audio shorter than a clip: loop (repeat it) | pad (zeros: learnable "silence")
+    trim_silence: bool = True       # drop leading/trailing digital silence before cropping
+    stats_files: int = 256          # files sampled to measure features.mean/std when they are null
 
     def validate(self) -> None:
         _check(self.features_in in ("pipeline", "trainer"), "data.features_in", self.features_in,
@@ -95,6 +100,7 @@ class DataConfig:
         _check(self.crops_per_file >= 1, "data.crops_per_file", self.crops_per_file, ">= 1")
         _check(0 <= self.max_skip_fraction <= 1, "data.max_skip_fraction", self.max_skip_fraction, "in [0, 1]")
         _check(self.concurrency >= 0, "data.concurrency", self.concurrency, ">= 0")
+        _check(self.short_audio in ("loop", "pad"), "data.short_audio", self.short_audio, "loop or pad")
 
 
 @dataclass
@@ -151,16 +157,30 @@ class MaskingConfig:
 
 
 @dataclass
+class ReadoutConfig:
+    """How patch tokens become frame and clip vectors (embed, probes, adapters, evaluation alike)."""
+    frames: str = "concat"          # concat: frequency rows side by side per time step (M2D) | mean over rows
+    pooling: str = "meanstd"        # clip vector over time: mean | meanstd (mean and std) | meanmax
+
+    def validate(self) -> None:
+        _check(self.frames in ("concat", "mean"), "readout.frames", self.frames, "concat or mean")
+        _check(self.pooling in ("mean", "meanstd", "meanmax"), "readout.pooling", self.pooling,
+               "mean, meanstd or meanmax")
+
+
+@dataclass
 class EmaConfig:
     """Target encoder EMA: tau goes tau_start -> tau_end over train.steps (by step, not epoch)."""
     tau_start: float = 0.996
     tau_end: float = 1.0
     schedule: str = "cosine"        # cosine | linear
+    export: str = "target"          # which encoder is probed, registered and embedded: target (EMA) | online
 
     def validate(self) -> None:
         _check(0 <= self.tau_start <= 1, "ema.tau_start", self.tau_start, "in [0, 1]")
         _check(0 <= self.tau_end <= 1, "ema.tau_end", self.tau_end, "in [0, 1]")
         _check(self.schedule in ("cosine", "linear"), "ema.schedule", self.schedule, "cosine or linear")
+        _check(self.export in ("target", "online"), "ema.export", self.export, "target or online")
 
 
 @dataclass
@@ -263,6 +283,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    readout: ReadoutConfig = field(default_factory=ReadoutConfig)
     masking: MaskingConfig = field(default_factory=MaskingConfig)
     ema: EmaConfig = field(default_factory=EmaConfig)
     loss: LossConfig = field(default_factory=LossConfig)

@@ -20,7 +20,7 @@ import torch
 
 from service.audio import Skip, crop_rng, crops, decode
 from service.config import Config, DataConfig, FeaturesConfig, StorageConfig
-from service.features import LogMel
+from service.features import LogMel, logmel_stats
 from service.storage import FileEntry, join, list_files, read_bytes, resolve
 
 log = logging.getLogger("audio_jepa.data")
@@ -183,12 +183,12 @@ def clips_from_files(batch: dict[str, np.ndarray], features: FeaturesConfig, dat
                                                storage.s3_region))
             except Exception as e:  # after retries
                 raise Skip("read_error", f"{type(e).__name__}: {str(e)[:120]}") from None
-            wav = decode(data_bytes, features.sample_rate, data.max_channels, data.min_seconds)
+            wav = decode(data_bytes, features.sample_rate, data.max_channels, data.min_seconds, data.trim_silence)
         except Skip as s:  # counted by the ledger; the driver prints one summary line
             log.debug("skipped %s: %s", uri, s)
             skipped.append((s.reason, uri, s.detail))
             continue
-        for c in crops(wav, clip_len, data.crops_per_file, crop_rng(seed, epoch, key)):
+        for c in crops(wav, clip_len, data.crops_per_file, crop_rng(seed, epoch, key), data.short_audio):
             waves.append(c)
             epochs.append(epoch)
     if ledger is not None:
@@ -201,6 +201,30 @@ def clips_from_files(batch: dict[str, np.ndarray], features: FeaturesConfig, dat
     else:
         x = np.zeros((0, features.n_mels, features.n_frames), np.float32)
     return {"x": x, "epoch": np.asarray(epochs, dtype=np.int64)}
+
+
+def measure_stats(cfg: Config, listing: Listing) -> dict[str, float]:
+    """`features.mean`/`std` over real frames of one crop from each of a seeded sample of files."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    fc, n = cfg.features, min(cfg.data.stats_files, len(listing.files))
+    picked = [listing.files[i] for i in np.random.default_rng([cfg.seed, 0x57A7]).choice(len(listing.files), n,
+                                                                                        replace=False)]
+
+    def one_crop(f: FileEntry):
+        try:
+            wav = decode(read_bytes(f.uri, cfg.storage.s3_endpoint, cfg.storage.s3_region), fc.sample_rate,
+                         cfg.data.max_channels, cfg.data.min_seconds, cfg.data.trim_silence)
+        except (Skip, OSError):
+            return None
+        return crops(wav, fc.clip_samples, 1, crop_rng(cfg.seed, 0, f.key))[0] if len(wav) > fc.clip_samples else wav
+
+    with ThreadPoolExecutor(8) as pool:
+        stats = logmel_stats((w for w in pool.map(one_crop, picked) if w is not None), fc)
+    if stats is None:
+        raise DataSourceError(f"data.source '{cfg.data.source}': none of {n} sampled files decoded, "
+                              "so features.mean/std cannot be measured")
+    return stats
 
 
 def quiet_ray_data() -> None:
@@ -229,4 +253,4 @@ def build_dataset(cfg: Config, listing: Listing, ledger=None, passes: int | None
 
 
 __all__ = ["Listing", "DataLedger", "DataSourceError", "list_source", "build_dataset", "clips_from_files",
-           "epoch_order", "check_skips", "passes_needed", "quiet_ray_data"]
+           "epoch_order", "check_skips", "passes_needed", "quiet_ray_data", "measure_stats"]

@@ -15,30 +15,41 @@ from pathlib import Path
 import torch
 
 from service import checkpoint as ckpt
+from service.audio import fill
 from service.config import Config, config_from_dict
 from service.features import LogMel, patchify
 from service.model import Encoder
 
 ENCODER_FILE = "encoder.pt"
-POOLINGS = ("mean", "meanmax")
 
 
-def frame_readout(tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """Patch tokens [c, F*T, D] -> one vector per patch column [c, T, D] (mean over frequency rows)."""
+def frame_readout(tokens: torch.Tensor, grid: tuple[int, int], frames: str = "concat") -> torch.Tensor:
+    """Patch tokens [c, F*T, D] -> one vector per patch column: [c, T, F*D] (concat) or [c, T, D] (mean).
+
+    Concatenating the frequency rows (M2D) keeps what each band holds; averaging them throws it away.
+    """
     gf, gt = grid
-    return tokens.reshape(-1, gf, gt, tokens.shape[-1]).mean(dim=1)
+    x = tokens.reshape(-1, gf, gt, tokens.shape[-1])
+    if frames == "mean":
+        return x.mean(dim=1)
+    return x.permute(0, 2, 1, 3).reshape(x.shape[0], gt, gf * x.shape[-1])
 
 
-def clip_readout(frames: torch.Tensor, n_valid: torch.Tensor, pooling: str = "mean") -> torch.Tensor:
-    """Frame vectors [B, T, D] -> clip vectors [B, D] (meanmax: [B, 2D]) over each clip's first n_valid frames."""
-    if pooling not in POOLINGS:
-        raise ValueError(f"pooling {pooling!r}: expected one of {POOLINGS}")
+def clip_readout(frames: torch.Tensor, n_valid: torch.Tensor, pooling: str = "meanstd") -> torch.Tensor:
+    """Frame vectors [B, T, d] -> clip vectors over each clip's first n_valid frames:
+    [B, d] (mean) or [B, 2d] (meanstd: mean and std over time; meanmax: mean and max)."""
     valid = torch.arange(frames.shape[1])[None, :] < n_valid[:, None]  # [B, T]
     w = valid.unsqueeze(-1).to(frames.dtype)
-    mean = (frames * w).sum(1) / w.sum(1).clamp_min(1)
+    count = w.sum(1).clamp_min(1)
+    mean = (frames * w).sum(1) / count
     if pooling == "mean":
         return mean
-    return torch.cat([mean, frames.masked_fill(~valid.unsqueeze(-1), float("-inf")).amax(1)], dim=-1)
+    if pooling == "meanstd":
+        var = (((frames - mean[:, None]) ** 2) * w).sum(1) / count
+        return torch.cat([mean, var.sqrt()], dim=-1)
+    if pooling == "meanmax":
+        return torch.cat([mean, frames.masked_fill(~valid.unsqueeze(-1), float("-inf")).amax(1)], dim=-1)
+    raise ValueError(f"pooling {pooling!r}: expected mean, meanstd or meanmax")
 
 
 class AudioEncoder(torch.nn.Module):
@@ -62,8 +73,14 @@ class AudioEncoder(torch.nn.Module):
         return self.cfg.features.sample_rate
 
     @property
+    def frame_dim(self) -> int:
+        """Size of a frame vector (embed_frames)."""
+        return self.cfg.model.width * (self.cfg.features.grid[0] if self.cfg.readout.frames == "concat" else 1)
+
+    @property
     def embedding_dim(self) -> int:
-        return self.cfg.model.width
+        """Size of a clip vector (embed): the frame size, twice with meanstd/meanmax pooling."""
+        return self.frame_dim * (1 if self.cfg.readout.pooling == "mean" else 2)
 
     @property
     def hop_ms(self) -> float:
@@ -71,11 +88,12 @@ class AudioEncoder(torch.nn.Module):
         return self.cfg.features.patch_time * self.cfg.features.hop_ms
 
     @torch.no_grad()
-    def embed_frames(self, wav, batch_chunks: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-        """[B, samples] at sample_rate -> ([B, T', D] frame embeddings, [B, T'] centre times in ms).
+    def embed_frames(self, wav, lengths=None, batch_chunks: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, samples] at sample_rate -> ([B, T', frame_dim] frame embeddings, [B, T'] centre times in ms).
 
         Long audio is cut into consecutive clips of the training length; the last clip (or short
-        audio) is zero-padded and frames that lie wholly in the padding are dropped.
+        audio) is filled the way training fills short audio (`data.short_audio`: looped, or zero-padded),
+        and frames that start after the audio's end are dropped.  `lengths`: real samples per row.
         """
         wav = torch.as_tensor(wav, dtype=torch.float32)
         if wav.dim() == 1:
@@ -84,14 +102,18 @@ class AudioEncoder(torch.nn.Module):
         b, n = wav.shape
         clip, step = fc.clip_samples, fc.n_frames * fc.hop_length  # consecutive, non-overlapping frames
         n_chunks = -(-fc.frames_for(n) // fc.n_frames)
-        padded = torch.zeros(b, (n_chunks - 1) * step + clip)
-        padded[:, :n] = wav
+        total = (n_chunks - 1) * step + clip
+        lengths = [n] * b if lengths is None else [int(x) for x in lengths]
+        padded = torch.zeros(b, total)
+        for i, m in enumerate(lengths):
+            if m > 0:
+                padded[i] = torch.from_numpy(fill(wav[i, :m].numpy(), total, self.cfg.data.short_audio))
         chunks = padded.unfold(1, clip, step).reshape(b * n_chunks, clip)
         outs = []
         for i in range(0, chunks.shape[0], batch_chunks):
             spec = self.frontend(chunks[i:i + batch_chunks].to(self.device))
             tokens = self.encoder(patchify(spec, fc.patch_freq, fc.patch_time))
-            outs.append(frame_readout(tokens, fc.grid).float().cpu())
+            outs.append(frame_readout(tokens, fc.grid, self.cfg.readout.frames).float().cpu())
         frames = torch.cat(outs).reshape(b, n_chunks * fc.grid[1], -1)
         keep = max(1, min(frames.shape[1], fc.columns_for(n)))  # columns that start inside the audio
         frames = frames[:, :keep]
@@ -100,8 +122,8 @@ class AudioEncoder(torch.nn.Module):
         return frames, t_ms
 
     @torch.no_grad()
-    def embed(self, wav, lengths=None, pooling: str = "mean") -> torch.Tensor:
-        """[B, samples] -> [B, D]: pooled frame embeddings.
+    def embed(self, wav, lengths=None, pooling: str | None = None) -> torch.Tensor:
+        """[B, samples] -> [B, embedding_dim]: frame embeddings pooled over time (readout.pooling).
 
         `lengths` (samples of real audio per row, when rows of different lengths were zero-padded to
         one batch) keeps each clip's pooling to its own frames.
@@ -109,18 +131,23 @@ class AudioEncoder(torch.nn.Module):
         wav = torch.as_tensor(wav, dtype=torch.float32)
         if wav.dim() == 1:
             wav = wav[None]
-        frames, _ = self.embed_frames(wav)
         lengths = [wav.shape[1]] * wav.shape[0] if lengths is None else lengths
+        frames, _ = self.embed_frames(wav, lengths)
         n_valid = torch.tensor([max(1, self.cfg.features.columns_for(int(n))) for n in lengths])
-        return clip_readout(frames, n_valid, pooling)
+        return clip_readout(frames, n_valid, pooling or self.cfg.readout.pooling)
 
     def forward(self, wav):
         return self.embed(wav)
 
 
+def exported_weights(state: dict) -> dict:
+    """The encoder a checkpoint exports (`ema.export`): the EMA target encoder, or the online one."""
+    return state["encoder"] if ckpt.config_of(state).ema.export == "online" else state["target_encoder"]
+
+
 def encoder_artifact(state: dict, path: str | Path) -> Path:
-    """Write encoder.pt (target encoder weights + config JSON) from a checkpoint state."""
-    torch.save({"config": state["config"], "target_encoder": state["target_encoder"], "step": state["step"]}, path)
+    """Write encoder.pt (the exported encoder's weights + config JSON) from a checkpoint state."""
+    torch.save({"config": state["config"], "target_encoder": exported_weights(state), "step": state["step"]}, path)
     return Path(path)
 
 
@@ -154,7 +181,7 @@ def load_encoder(uri: str, device: str | torch.device | None = None) -> AudioEnc
     if p.is_file() and p.name == ENCODER_FILE:
         return load_encoder_file(p, device, uri)
     state = checkpoint_state(uri)
-    return AudioEncoder(ckpt.config_of(state), state["target_encoder"], device, uri)
+    return AudioEncoder(ckpt.config_of(state), exported_weights(state), device, uri)
 
 
 def random_encoder(cfg: Config, seed: int = 0, device=None) -> AudioEncoder:

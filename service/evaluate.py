@@ -13,14 +13,18 @@ import numpy as np
 from service import tracking
 from service.config import load_config
 from service.encoder import load_encoder, random_encoder
+from service.features import logmel_stats
 from service.probe import (cached, encoder_features, load_audio, load_task, logmel_features, markdown_table,
                            run_probes)
 
 
 def evaluate(model_uri: str, tasks: list[str], config: str | None = None, overrides: list[str] | None = None,
-             cache_dir: str | None = None, pooling: str = "mean", endpoint: str | None = None,
-             log_to_mlflow: bool = True, progress=print) -> dict:
-    """Probe `model_uri` (or only `random` init of `config`) on each task's test split; returns the summary."""
+             cache_dir: str | None = None, pooling: str | None = None, endpoint: str | None = None,
+             log_to_mlflow: bool = True, progress=print, readout: dict | None = None) -> dict:
+    """Probe `model_uri` (or only `random` init of `config`) on each task's test split; returns the summary.
+
+    `readout` ({"frames": …, "pooling": …}) reads every model out another way than its config says.
+    """
     if model_uri == "random":
         if not config:
             raise ValueError("--model-uri random needs --config (the architecture to initialise)")
@@ -29,21 +33,31 @@ def evaluate(model_uri: str, tasks: list[str], config: str | None = None, overri
     else:
         encoder = load_encoder(model_uri)
         cfg = encoder.cfg
-    rnd = random_encoder(cfg, seed=cfg.seed)
-    models = {"jepa": encoder, "random": rnd} if encoder is not None else {"random": rnd}
-    results, tables = [], []
+    if readout:
+        cfg = cfg.with_overrides({f"readout.{k}": v for k, v in readout.items()})
+        if encoder is not None:
+            encoder.cfg = cfg
+    results, tables, models = [], [], None
     for task_uri in tasks:
         t0 = time.time()
         task = load_task(task_uri, endpoint)
         wavs, keep = load_audio(task, cfg.features.sample_rate, endpoint)
         y = np.asarray(task.labels)[keep]
         split = np.asarray(task.splits)[keep]
+        if cfg.features.mean is None:  # a random-init config without stats: measure them on this train split
+            cfg = cfg.with_overrides(logmel_stats([w for w, s in zip(wavs, split) if s == "train"], cfg.features))
+            progress(f"features.mean/std measured on {task.name}'s train split: "
+                     f"{cfg.features.mean} / {cfg.features.std}")
+        if models is None:
+            rnd = random_encoder(cfg, seed=cfg.seed)
+            models = {"jepa": encoder, "random": rnd} if encoder is not None else {"random": rnd}
         progress(f"task {task.name}: {len(wavs)} clips ({len(task.skipped)} skipped), "
                  f"{len(set(y))} classes, splits {dict(zip(*np.unique(split, return_counts=True)))}")
         rows = []
         for name, enc in models.items():
             key = {"model": model_uri if name == "jepa" else f"random:{cfg.hash()}:{cfg.seed}",
-                   "task": task_uri, "manifest": task.manifest_sha, "pooling": pooling}
+                   "task": task_uri, "manifest": task.manifest_sha, "readout": enc.cfg.readout.frames,
+                   "pooling": pooling or enc.cfg.readout.pooling}
             X = cached(cache_dir, key, lambda enc=enc: encoder_features(enc, wavs, pooling))
             rows += [{"model": name, **r} for r in run_probes(X, y, split)]
         key = {"model": "logmel", "features": repr(cfg.features), "task": task_uri, "manifest": task.manifest_sha}

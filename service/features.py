@@ -15,11 +15,17 @@ LOG_FLOOR = 1e-10  # silent input -> log(1e-10), finite
 
 
 class LogMel(nn.Module):
-    """Batched log-mel with fixed normalisation; exactly `n_frames` frames for `clip_samples`."""
+    """Batched log-mel with fixed normalisation; exactly `n_frames` frames for `clip_samples`.
 
-    def __init__(self, cfg: FeaturesConfig):
+    `normalise=False` gives the raw log-mel (to measure the normalisation statistics).
+    """
+
+    def __init__(self, cfg: FeaturesConfig, normalise: bool = True):
         super().__init__()
-        self.cfg = cfg
+        if normalise and cfg.mean is None:
+            raise ValueError("features.mean/std are not set: a run measures them from its data at start "
+                             "(service.data.measure_stats), or set them in the config")
+        self.cfg, self.normalise = cfg, normalise
         n_fft = 2 << (cfg.win_length - 1).bit_length()  # 2x zero-padding: no empty low mel filters
         self.mel = torchaudio.transforms.MelSpectrogram(
             sample_rate=cfg.sample_rate, n_fft=n_fft, win_length=cfg.win_length,
@@ -41,12 +47,35 @@ class LogMel(nn.Module):
         if wav.dim() == 1:
             wav = wav[None]
         wav = wav.float()
+        if wav.shape[-1] < self.cfg.win_length:  # one frame at least
+            wav = torch.nn.functional.pad(wav, (0, self.cfg.win_length - wav.shape[-1]))
         if self.cfg.frontend == "kaldi":
             x = self._kaldi(wav)
         else:
+            # the window sits centred in n_fft: pad so that frame i covers samples [i*hop, i*hop + win)
+            # exactly, giving frames_for(samples) frames (without it the last 4 frames of a clip were filler)
+            extra = self.mel.spectrogram.n_fft - self.cfg.win_length
+            wav = torch.nn.functional.pad(wav, (extra // 2, extra - extra // 2))
             x = torch.log(self.mel(wav).clamp_min(LOG_FLOOR))
         x = fit_frames(x, self.cfg.n_frames)
-        return (x - self.cfg.mean) / self.cfg.std
+        return (x - self.cfg.mean) / self.cfg.std if self.normalise else x
+
+
+@torch.no_grad()
+def logmel_stats(wavs, cfg: FeaturesConfig) -> dict[str, float] | None:
+    """`features.mean`/`std` of the raw log-mel over the real frames (never padding) of at most one clip
+    of each waveform; None when there are none.  The log floor of zero padding would inflate both."""
+    fe = LogMel(cfg, normalise=False)
+    total, total_sq, count = 0.0, 0.0, 0
+    for wav in wavs:
+        wav = wav[:cfg.clip_samples]
+        x = fe(torch.as_tensor(wav, dtype=torch.float32)[None])[0, :, :min(cfg.frames_for(len(wav)), cfg.n_frames)]
+        x = x.double()
+        total, total_sq, count = total + x.sum().item(), total_sq + x.pow(2).sum().item(), count + x.numel()
+    if count == 0:
+        return None
+    mean = total / count
+    return {"features.mean": round(mean, 4), "features.std": round(max(total_sq / count - mean ** 2, 1e-12) ** 0.5, 4)}
 
 
 def fit_frames(x: torch.Tensor, n_frames: int) -> torch.Tensor:

@@ -93,7 +93,7 @@ def load_audio(task: Task, sample_rate: int, endpoint: str | None = None) -> tup
 
 # --- features ------------------------------------------------------------------------------
 @torch.no_grad()
-def encoder_features(encoder, wavs: list[np.ndarray], pooling: str = "mean", batch: int = 32) -> np.ndarray:
+def encoder_features(encoder, wavs: list[np.ndarray], pooling: str | None = None, batch: int = 32) -> np.ndarray:
     """Clip embeddings through the encoder's own readout; clips of similar length batched together."""
     order = np.argsort([len(w) for w in wavs])
     out = None
@@ -151,6 +151,11 @@ def _linear(c: float):
     return make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000))
 
 
+def _knn(k: int):
+    """Cosine kNN on standardised features: uncentred, one shared mean vector dominates every cosine."""
+    return make_pipeline(StandardScaler(), KNeighborsClassifier(n_neighbors=k, metric="cosine", weights="distance"))
+
+
 def select_c(X: np.ndarray, y: np.ndarray, split: np.ndarray) -> float:
     """C by accuracy on `valid`, or by 3-fold CV inside `train` when there is no valid split."""
     tr, va = split == "train", split == "valid"
@@ -186,7 +191,7 @@ def run_probes(X: np.ndarray, y: np.ndarray, split: np.ndarray, eval_split: str 
     rows.append({"probe": "linear", "accuracy": float(accuracy_score(y[ev], pred)),
                  "macro_f1": float(f1_score(y[ev], pred, average="macro")), "C": c})
     k = int(min(KNN_K, fit.sum()))
-    knn = KNeighborsClassifier(n_neighbors=k, metric="cosine", weights="distance").fit(X[fit], y[fit])
+    knn = _knn(k).fit(X[fit], y[fit])
     pred = knn.predict(X[ev])
     rows.append({"probe": "knn", "accuracy": float(accuracy_score(y[ev], pred)),
                  "macro_f1": float(f1_score(y[ev], pred, average="macro")), "k": k})

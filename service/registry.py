@@ -44,10 +44,10 @@ def log_encoder_model(state: dict, run_id: str, tracking_uri: str, registered_na
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
 
-    cfg = config_from_dict(json.loads(state["config"]))
+    dim = AudioEncoder(config_from_dict(json.loads(state["config"])), device="cpu").embedding_dim
     mlflow.set_tracking_uri(tracking_uri)
     sig = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1), "waveform")]),
-                         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, cfg.model.width), "embedding")]))
+                         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, dim), "embedding")]))
     with tempfile.TemporaryDirectory() as tmp:
         path = encoder_artifact(state, Path(tmp) / ENCODER_FILE)
         with mlflow.start_run(run_id=run_id):

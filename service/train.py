@@ -77,20 +77,23 @@ def agree(value: float, op: str, device) -> float:
     return t.item() / (dist.get_world_size() if op == "mean" else 1)
 
 
+def constant_fraction(patches: torch.Tensor, idx: torch.Tensor) -> float:
+    """Fraction of the patches at `idx` that are constant (digital silence or padding): nothing to learn."""
+    constant = (patches.amax(-1) - patches.amin(-1)) < 1e-6  # [B, N]
+    return torch.gather(constant, 1, idx).float().mean().item()
+
+
 class Window:
-    """Per-step figures between two reports: loss, grad norm, mask ratio, clips and data-wait time."""
+    """Per-step figures between two reports (averaged), clips and data-wait time."""
 
     def __init__(self):
         self.t0, self.wait, self.clips = time.time(), 0.0, 0
-        self.losses: list[float] = []
-        self.gnorm: list[float] = []
-        self.ratio: list[float] = []
+        self.values: dict[str, list[float]] = {}
 
-    def add(self, loss: float, gnorm: float, ratio: float, clips: int) -> None:
-        self.losses.append(loss)
-        self.gnorm.append(gnorm)
-        self.ratio.append(ratio)
+    def add(self, clips: int, **values: float) -> None:
         self.clips += clips
+        for k, v in values.items():
+            self.values.setdefault(k, []).append(v)
 
     def pause(self, seconds: float) -> None:
         """Time that is not training (probing) does not count in the throughput."""
@@ -98,8 +101,7 @@ class Window:
 
     def metrics(self) -> dict[str, float]:
         elapsed = max(time.time() - self.t0, 1e-9)
-        return {"loss": float(np.mean(self.losses)), "grad_norm": float(np.mean(self.gnorm)),
-                "mask_ratio": float(np.mean(self.ratio)), "clips_per_s": self.clips / elapsed,
+        return {**{k: float(np.mean(v)) for k, v in self.values.items()}, "clips_per_s": self.clips / elapsed,
                 "data_wait_fraction": self.wait / elapsed}
 
 
@@ -184,9 +186,10 @@ class WorkerRun:
             spec = self.frontend(x) if self.frontend is not None else x
             patches = patchify(spec, cfg.features.patch_freq, cfg.features.patch_time)
         m = self.masks(self.per_worker, np.random.default_rng([cfg.seed, self.step, self.rank]))
+        ctx, tgt = m.context.to(self.device), m.target.to(self.device)
         self.sched = apply_schedules(self.opt, self.step, cfg)
         with self.autocast:
-            loss, h = self.model(patches, m.context.to(self.device), m.target.to(self.device))
+            loss, h = self.model(patches, ctx, tgt)
         self.opt.zero_grad(set_to_none=True)
         if agree(float(torch.isfinite(loss).item()), "min", self.device) < 1:
             self._skip_nonfinite()
@@ -198,7 +201,8 @@ class WorkerRun:
         self.opt.step()
         self.step += 1
         self.core.ema_update(tau_at(self.step, self.total, cfg.ema))
-        self.window.add(loss.item(), float(gnorm), m.ratio, self.per_worker * self.world)
+        self.window.add(self.per_worker * self.world, loss=loss.item(), grad_norm=float(gnorm), mask_ratio=m.ratio,
+                        target_silence_fraction=constant_fraction(patches, tgt))
         if self.resume_record is not None:  # written after the first step: it also times the recovery
             _write_resume_record(cfg, {**self.resume_record, "first_step_time": time.time()})
             self.resume_record = None
@@ -240,7 +244,8 @@ class WorkerRun:
         if self.rank == 0:
             from service.encoder import AudioEncoder
             t_probe = time.time()
-            enc = AudioEncoder(self.cfg, self.core.target_encoder.state_dict(), self.device)
+            exported = self.core.encoder if self.cfg.ema.export == "online" else self.core.target_encoder
+            enc = AudioEncoder(self.cfg, exported.state_dict(), self.device)
             metrics.update(self.probe.score(enc))
             self.window.pause(time.time() - t_probe)
         score = metrics.get("probe_score", 0.0)
@@ -341,6 +346,8 @@ def run_pretraining(cfg: Config, progress=print, parent_run_id: str | None = Non
     listing = list_source(cfg)
     progress(f"data: {len(listing.files)} audio files in {cfg.data.source} "
              f"({listing.ignored_by_extension} other files ignored, {len(listing.too_large)} too large)")
+    if cfg.features.mean is None:
+        cfg = cfg.with_overrides(_normalisation_stats(cfg, listing, progress))
     ledger = DataLedger.remote(len(listing.files) + len(listing.too_large), [f.uri for f in listing.too_large])
     dataset = build_dataset(cfg, listing, ledger)
     run_id = tracking.start_or_resume(cfg, parent_run_id=parent_run_id)
@@ -402,6 +409,23 @@ def run_pretraining(cfg: Config, progress=print, parent_run_id: str | None = Non
     return summary
 
 
+def _normalisation_stats(cfg: Config, listing, progress) -> dict[str, float]:
+    """features.mean/std: the resumed run's own (from its latest checkpoint), else measured on the data."""
+    import yaml
+
+    from service.data import measure_stats
+    found = ckpt.latest_checkpoint(cfg)
+    if found:
+        fc = yaml.safe_load(read_bytes(join(found, ckpt.CONFIG), cfg.storage.s3_endpoint))["features"]
+        if fc.get("mean") is not None:
+            return {"features.mean": fc["mean"], "features.std": fc["std"]}
+    t0 = time.time()
+    stats = measure_stats(cfg, listing)
+    progress(f"features: log-mel mean {stats['features.mean']} std {stats['features.std']} measured on real frames "
+             f"of {min(cfg.data.stats_files, len(listing.files))} files ({time.time() - t0:.1f} s)")
+    return stats
+
+
 def _mask_picture(cfg: Config, listing, path: str) -> str | None:
     """The run's mask geometry drawn on the first decodable clip of its source."""
     wav = _example_clip(cfg, listing)
@@ -417,8 +441,9 @@ def _example_clip(cfg: Config, listing):
     from service.audio import Skip, crop_rng, crops, decode
     for f in listing.files[:20]:
         try:
-            wav = decode(read_bytes(f.uri, cfg.storage.s3_endpoint, cfg.storage.s3_region), cfg.features.sample_rate)
+            wav = decode(read_bytes(f.uri, cfg.storage.s3_endpoint, cfg.storage.s3_region), cfg.features.sample_rate,
+                         trim=cfg.data.trim_silence)
         except (Skip, OSError):
             continue
-        return crops(wav, cfg.features.clip_samples, 1, crop_rng(cfg.seed, 0, f.key))[0]
+        return crops(wav, cfg.features.clip_samples, 1, crop_rng(cfg.seed, 0, f.key), cfg.data.short_audio)[0]
     return None

@@ -12,11 +12,13 @@ from service.model import AudioJEPA, Encoder, sincos_2d
 from service.optim import apply_schedules, build_optimizer, lr_at, tau_at
 
 torch.set_num_threads(2)
+STATS = ["features.mean=-5.0", "features.std=5.0"]  # the normalisation a run measures from its data
 
 
 def small_cfg(**over):
     sets = ["model.width=64", "model.depth=2", "model.heads=2", "model.pred_width=32",
-            "model.pred_depth=1", "model.pred_heads=2"] + [f"{k}={v}" for k, v in over.items()]
+            "model.pred_depth=1", "model.pred_heads=2", "features.mean=-5.0", "features.std=5.0"] + \
+        [f"{k}={v}" for k, v in over.items()]
     return load_config("tiny", sets)
 
 
@@ -56,8 +58,8 @@ def test_config_hash_covers_what_a_run_learns_only():
                                "storage.s3_endpoint": "http://127.0.0.1:9", "train.workers": 2,
                                "mlflow.registered_model": "m"})
     assert same.hash() == cfg.hash()
-    for key, value in (("model.width", 96), ("masking.ratio", 0.8), ("ema.tau_start", 0.99), ("seed", 1),
-                       ("train.steps", 7), ("features.mean", -5.0)):
+    for key, value in (("model.width", 96), ("masking.ratio", 0.8), ("ema.tau_start", 0.95), ("seed", 1),
+                       ("train.steps", 7), ("features.hop_ms", 12.5)):
         assert cfg.with_overrides({key: value}).hash() != cfg.hash(), key
 
 
@@ -83,7 +85,7 @@ def test_config_makes_local_paths_absolute(tmp_path, monkeypatch):
 # --- front end ----------------------------------------------------------------------
 @pytest.mark.parametrize("frontend", ["mel", "kaldi"])
 def test_logmel_shapes_and_silence_is_finite(frontend):
-    cfg = load_config("tiny", [f"features.frontend={frontend}"]).features
+    cfg = load_config("tiny", [f"features.frontend={frontend}", *STATS]).features
     fe = LogMel(cfg)
     silent = torch.zeros(2, cfg.clip_samples)
     constant = torch.full((1, cfg.clip_samples), 0.5)
@@ -155,7 +157,7 @@ def test_unstructured_context_is_the_rest():
 
 
 def test_render_masks_png(tmp_path):
-    cfg = load_config("tiny")
+    cfg = load_config("tiny", STATS)
     spec = torch.randn(cfg.features.n_mels, cfg.features.n_frames)
     out = render_masks(spec, cfg.features.grid, (16, 16), cfg.masking, str(tmp_path / "m.png"))
     assert open(out, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
@@ -228,7 +230,7 @@ def test_silent_input_gives_finite_loss():
 
 
 def test_encoder_handles_other_grids():
-    cfg = load_config("base", ["model.width=64", "model.depth=1", "model.heads=2"])
+    cfg = load_config("base", ["model.width=64", "model.depth=1", "model.heads=2", *STATS])
     enc = Encoder(256, cfg.features.grid, cfg.model)
     out = enc(torch.randn(2, 192, 256))
     assert out.shape == (2, 192, 64)
@@ -236,10 +238,14 @@ def test_encoder_handles_other_grids():
 
 # --- schedules ----------------------------------------------------------------------
 def test_schedules_by_step():
-    cfg = load_config("tiny", ["train.steps=500", "optim.warmup_steps=50"])
+    cfg = load_config("tiny", ["train.steps=500", "optim.warmup_steps=50", "ema.tau_start=0.996", "ema.tau_end=1.0",
+                               "ema.schedule=cosine"])
     assert tau_at(0, 500, cfg.ema) == pytest.approx(0.996)
     assert tau_at(500, 500, cfg.ema) == pytest.approx(1.0)
     assert tau_at(250, 500, cfg.ema) == pytest.approx(0.998)
+    lin = load_config("tiny").ema  # tiny's own: linear, sized for short runs
+    assert tau_at(0, 500, lin) == pytest.approx(lin.tau_start) and tau_at(500, 500, lin) == pytest.approx(lin.tau_end)
+    assert tau_at(250, 500, lin) == pytest.approx((lin.tau_start + lin.tau_end) / 2)
     assert lr_at(49, 500, cfg.optim) == pytest.approx(cfg.optim.lr)
     assert lr_at(499, 500, cfg.optim) < 0.01 * cfg.optim.lr
     model = AudioJEPA(small_cfg())
@@ -249,3 +255,67 @@ def test_schedules_by_step():
     assert decay["weight_decay"] == pytest.approx(cfg.optim.weight_decay_end) == vals["wd"]
     assert no_decay["weight_decay"] == 0.0
     assert all(p.ndim <= 1 for p in no_decay["params"]) and all(p.ndim == 2 for p in decay["params"])
+
+
+# --- no free lunch from padding -------------------------------------------------------
+@pytest.mark.parametrize("short_audio", ["loop", "pad"])
+def test_padding_never_becomes_a_target_or_context_patch(tmp_path, short_audio):
+    """A 0.3 s file and a 30 s file (with leading/trailing digital silence) through the pipeline's UDF."""
+    import soundfile as sf
+
+    from service.data import clips_from_files
+    from service.train import constant_fraction
+    sr = 16000
+    rng = np.random.default_rng(0)
+    speech_like = lambda s: (0.2 * rng.standard_normal(int(s * sr)) * np.sin(np.linspace(0, 40, int(s * sr))))
+    short = np.concatenate([np.zeros(sr // 2), speech_like(0.3), np.zeros(sr // 2)]).astype(np.float32)
+    for name, x in (("short.wav", short), ("long.wav", speech_like(30.0).astype(np.float32))):
+        sf.write(tmp_path / name, x, sr)
+    cfg = load_config("tiny", ["features.mean=-5.0", "features.std=5.0", f"data.short_audio={short_audio}"])
+    uris = np.array([str(tmp_path / "short.wav"), str(tmp_path / "long.wav")])
+    out = clips_from_files({"uri": uris, "key": np.array(["short.wav", "long.wav"]), "epoch": np.array([0, 0])},
+                           cfg.features, cfg.data, cfg.storage, cfg.seed)
+    patches = patchify(torch.from_numpy(out["x"]), cfg.features.patch_freq, cfg.features.patch_time)
+    assert patches.shape[0] == 1 + cfg.data.crops_per_file
+    every = torch.arange(patches.shape[1]).expand(patches.shape[0], -1)
+    m = MaskGenerator(cfg.masking, cfg.features.grid)(patches.shape[0], np.random.default_rng(1))
+    if short_audio == "loop":
+        assert constant_fraction(patches, every) == 0.0
+        assert constant_fraction(patches, m.target) == constant_fraction(patches, m.context) == 0.0
+    else:  # the old way: the short clip is mostly zero padding, which the test must be able to see
+        assert constant_fraction(patches[:1], every[:1]) > 0.5
+
+
+def test_normalisation_stats_ignore_padding_frames():
+    from service.features import logmel_stats
+    fc = load_config("tiny").features
+    rng = np.random.default_rng(0)
+    short = (0.1 * rng.standard_normal(fc.clip_samples // 4)).astype(np.float32)
+    stats = logmel_stats([short], fc)
+    padded = np.zeros(fc.clip_samples, np.float32)
+    padded[:len(short)] = short
+    spec = LogMel(fc, normalise=False)(torch.from_numpy(padded)[None])[0]
+    real = spec[:, :fc.frames_for(len(short))]
+    assert stats["features.mean"] == pytest.approx(real.mean().item(), abs=1e-3)
+    assert stats["features.mean"] > spec.mean().item() + 1  # padding's log floor would drag it down
+    with pytest.raises(ValueError, match="features.mean"):
+        LogMel(fc)  # an unset normalisation is an error, never a silent default
+
+
+def test_readout_layouts_and_dimensions():
+    from service.encoder import AudioEncoder, clip_readout, frame_readout
+    cfg = small_cfg()
+    gf, gt = cfg.features.grid
+    tokens = torch.randn(2, gf * gt, cfg.model.width)
+    concat = frame_readout(tokens, (gf, gt), "concat")
+    assert concat.shape == (2, gt, gf * cfg.model.width)
+    # column t of the concat layout is the gf tokens of that column, frequency row by row
+    col = tokens.reshape(2, gf, gt, -1)[:, :, 3].reshape(2, -1)
+    assert torch.equal(concat[:, 3], col)
+    assert torch.allclose(frame_readout(tokens, (gf, gt), "mean"), tokens.reshape(2, gf, gt, -1).mean(1))
+    frames = torch.randn(2, 5, 4)
+    ms = clip_readout(frames, torch.tensor([5, 2]), "meanstd")
+    assert torch.allclose(ms[1, :4], frames[1, :2].mean(0)) and torch.allclose(ms[1, 4:], frames[1, :2].std(0, unbiased=False))
+    enc = AudioEncoder(cfg, device="cpu")
+    assert enc.frame_dim == gf * cfg.model.width and enc.embedding_dim == 2 * enc.frame_dim
+    assert enc.embed(torch.randn(3, cfg.features.clip_samples) * 0.1).shape == (3, enc.embedding_dim)

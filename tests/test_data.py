@@ -14,7 +14,8 @@ pytestmark = pytest.mark.usefixtures("ray_local")
 
 def cfg_for(source, endpoint=None, **over):
     sets = [f"data.source={source}", "data.max_file_mb=1", "data.crops_per_file=2", "train.steps=1",
-            "train.batch_size=2", "seed=3"] + [f"{k}={v}" for k, v in over.items()]
+            "train.batch_size=2", "seed=3", "features.mean=-5.0", "features.std=5.0"] + \
+        [f"{k}={v}" for k, v in over.items()]
     if endpoint:
         sets.append(f"storage.s3_endpoint={endpoint}")
     return load_config("tiny", sets)

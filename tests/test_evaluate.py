@@ -103,3 +103,61 @@ def test_embedding_cache_reuses(tmp_path):
     a = probe.cached(str(tmp_path), {"k": 1}, f)
     b = probe.cached(str(tmp_path), {"k": 1}, f)
     assert len(calls) == 1 and np.array_equal(a, b)
+
+
+def test_knn_is_on_standardised_features():
+    """A large shared offset (what uncentred encoder features have) must not change the kNN answer."""
+    rng = np.random.default_rng(0)
+    y = np.repeat(["a", "b", "c"], 30)
+    X = rng.standard_normal((90, 16)) + np.repeat(np.eye(3, 16) * 3.0, 30, axis=0)
+    split = np.tile(np.array(["train"] * 20 + ["valid"] * 4 + ["test"] * 6), 3)
+    knn = lambda feats: next(r for r in run_probes(feats, y, split) if r["probe"] == "knn")["accuracy"]
+    shifted = X + 50.0 * rng.standard_normal(16)  # one mean vector holding almost all the energy
+    assert knn(shifted) == knn(X) > 0.6
+
+
+def test_random_and_trained_encoders_share_one_readout(tmp_path, monkeypatch):
+    """`jobs.evaluate`'s models all go through AudioEncoder.embed -> clip_readout: like for like."""
+    import torch
+
+    from service import encoder as encoder_mod
+    from service.config import load_config
+    from service.evaluate import evaluate
+    cfg = load_config("tiny", ["model.width=32", "model.depth=1", "model.heads=2", "model.pred_width=32",
+                               "model.pred_heads=2", "model.pred_depth=1", "features.mean=-5.0", "features.std=5.0"])
+    trained = encoder_mod.AudioEncoder(cfg, device="cpu")
+    with torch.no_grad():
+        for p in trained.encoder.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    monkeypatch.setattr(encoder_mod, "load_encoder", lambda uri, device=None: trained)
+    monkeypatch.setattr("service.evaluate.load_encoder", lambda uri: trained)
+    seen = []
+    real = encoder_mod.clip_readout
+    monkeypatch.setattr(encoder_mod, "clip_readout", lambda *a, **k: seen.append(a[0].shape[-1]) or real(*a, **k))
+    sources = []
+    embed = encoder_mod.AudioEncoder.embed
+    monkeypatch.setattr(encoder_mod.AudioEncoder, "embed",
+                        lambda self, *a, **k: sources.append(self.source) or embed(self, *a, **k))
+    task = make_task(tmp_path / "bands", per_split=(4, 2, 2))
+    out = evaluate("models:/x@y", [str(task)], log_to_mlflow=False, progress=lambda *_: None)
+    assert {r["model"] for r in out["results"]} == {"jepa", "random", "logmel"}
+    assert set(sources) == {"", "random"} and len(seen) == len(sources)
+
+
+def test_dev_tasks_splits_share_no_source_group():
+    """Valid is disjoint from train the way test is: by soundfont, by voice, by recording."""
+    from jobs.make_demo_corpus import INSTRUMENT_PLAN, digit_voice_splits, language_splits
+    fonts = {split: sf for sf, split, _ in INSTRUMENT_PLAN}
+    assert set(fonts) == {"train", "valid", "test"} and len(set(fonts.values())) == 3
+    voices = [f"en-us+v{i}" for i in range(100)]
+    splits = digit_voice_splits(voices, np.random.default_rng(1), 60)
+    assert all(splits[s] for s in ("train", "valid", "test"))
+    assert not (set(splits["train"]) & set(splits["valid"]) or set(splits["train"]) & set(splits["test"])
+                or set(splits["valid"]) & set(splits["test"]))
+    files = [f"{lang}/{kind}/{c}.ogg" for lang in ("de", "fr", "ru") for kind in ("alpha", "syllab")
+             for c in "abcdefghijklmnopqrst"]
+    rows = language_splits(files)
+    by_split = {s: {f for f, _, sp in rows if sp == s} for s in ("train", "valid", "test")}
+    assert sum(len(v) for v in by_split.values()) == len({f for f, _, _ in rows}) == len(rows)
+    for lang in ("de", "fr", "ru"):  # every class in every split
+        assert all(any(f.startswith(lang) for f in by_split[s]) for s in by_split)

@@ -52,7 +52,8 @@ def test_one_run_with_params_metrics_artifacts_despite_failure(trained, mlflow_s
     assert run.data.params["masking.geometry"] == "unstructured" and run.data.params["train.steps"] == "20"
     steps = [m.step for m in c.get_metric_history(run.info.run_id, "loss")]
     assert 20 in steps and 5 in steps and len(steps) >= 4
-    for key in ("tau", "lr", "target_erank", "target_std", "mask_ratio", "clips_per_s", "data_wait_fraction"):
+    for key in ("tau", "lr", "target_erank", "target_std", "mask_ratio", "clips_per_s", "data_wait_fraction",
+                "target_silence_fraction"):
         assert c.get_metric_history(run.info.run_id, key), key
     arts = {a.path for a in c.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "masks.png", "history.png"} <= arts
@@ -84,18 +85,21 @@ def test_registered_model_loads_in_fresh_process_and_matches_training_encoder(tr
             f"e = load_encoder('models:/{NAME}@current', 'cpu'); "
             f"x = np.load('{tmp_path}/wav.npy'); f, t = e.embed_frames(x); "
             f"np.save('{tmp_path}/clip.npy', e.embed(x).numpy()); np.save('{tmp_path}/frames.npy', f.numpy()); "
-            "print(e.sample_rate, e.embedding_dim, 'ray' in sys.modules)")
+            "print(e.cfg.features.mean, e.cfg.features.std, e.sample_rate, e.embedding_dim, 'ray' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                          env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_server})
     assert out.returncode == 0, out.stderr[-2000:]
-    sr, dim, used_ray = out.stdout.split()[-3:]
-    assert (int(sr), int(dim), used_ray) == (16000, 64, "False")
+    mean, std, sr, dim, used_ray = out.stdout.split()[-5:]
     # the in-training target encoder, straight from the checkpoint state
     state = ckpt.load_state(summary["checkpoint"])
     ref = AudioEncoder(ckpt.config_of(state), state["target_encoder"], "cpu")
+    assert (int(sr), int(dim), used_ray) == (16000, ref.embedding_dim, "False")
+    # the normalisation stats were measured on the run's data and travel with the registered model
+    assert cfg.features.mean is None and ref.cfg.features.mean is not None
+    assert (float(mean), float(std)) == (ref.cfg.features.mean, ref.cfg.features.std)
     np.testing.assert_allclose(np.load(tmp_path / "clip.npy"), ref.embed(wav).numpy(), rtol=1e-5, atol=1e-5)
     frames = np.load(tmp_path / "frames.npy")
-    assert frames.shape[0] == 3 and frames.shape[2] == 64
+    assert frames.shape[0] == 3 and frames.shape[2] == ref.frame_dim == 64 * ref.cfg.features.grid[0]
 
 
 def test_embedding_api_any_length(trained):
@@ -103,7 +107,7 @@ def test_embedding_api_any_length(trained):
     sr = enc.sample_rate
     for n in (100, sr // 2, enc.cfg.features.clip_samples, 5 * sr + 123):
         frames, t = enc.embed_frames(torch.randn(2, n) * 0.1)
-        assert frames.shape[0] == 2 and frames.shape[2] == enc.embedding_dim and t.shape == frames.shape[:2]
+        assert frames.shape[0] == 2 and frames.shape[2] == enc.frame_dim and t.shape == frames.shape[:2]
         assert torch.isfinite(frames).all()
         assert (t[0, 1:] > t[0, :-1]).all() if t.shape[1] > 1 else True
         assert t[0, -1] <= n / sr * 1000 + enc.hop_ms  # no frames far past the end
@@ -117,7 +121,8 @@ def test_pyfunc_serving_returns_embeddings(trained, mlflow_server, tmp_path):
     uri = f"models:/{NAME}@current"
     model = mlflow.pyfunc.load_model(uri)
     out = model.predict(np.random.default_rng(1).standard_normal((2, 16000)).astype(np.float32))
-    assert np.asarray(out).shape == (2, 64)
+    dim = load_encoder(trained[1]["checkpoint"], "cpu").embedding_dim
+    assert np.asarray(out).shape == (2, dim)
     port = free_port()
     mlflow_bin = str(Path(sys.executable).parent / "mlflow")
     proc = start_group([mlflow_bin, "models", "serve", "-m", uri, "--env-manager", "local", "-h", "127.0.0.1",
@@ -131,7 +136,7 @@ def test_pyfunc_serving_returns_embeddings(trained, mlflow_server, tmp_path):
                                      headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=120) as r:
             preds = np.asarray(json.loads(r.read())["predictions"])
-        assert preds.shape == (3, 64) and np.isfinite(preds).all()
+        assert preds.shape == (3, dim) and np.isfinite(preds).all()
     finally:
         stop_group(proc)
         time.sleep(0.2)

@@ -21,15 +21,15 @@ def load_model(model_file_path: str = "", device: str | None = None) -> AudioEnc
                          "or AUDIO_JEPA_MODEL_URI")
     model = load_encoder(uri, device)
     model.scene_embedding_size = model.embedding_dim
-    model.timestamp_embedding_size = model.embedding_dim
+    model.timestamp_embedding_size = model.frame_dim
     return model
 
 
 def get_timestamp_embeddings(audio: torch.Tensor, model: AudioEncoder) -> tuple[torch.Tensor, torch.Tensor]:
-    """audio [n, samples] at model.sample_rate -> ([n, T, D], [n, T] centre times in ms)."""
+    """audio [n, samples] at model.sample_rate -> ([n, T, frame_dim], [n, T] centre times in ms)."""
     return model.embed_frames(audio)
 
 
 def get_scene_embeddings(audio: torch.Tensor, model: AudioEncoder) -> torch.Tensor:
-    """audio [n, samples] -> [n, D]."""
+    """audio [n, samples] -> [n, embedding_dim]."""
     return model.embed(audio)

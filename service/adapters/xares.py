@@ -19,12 +19,12 @@ class AudioJEPAEncoder(torch.nn.Module):
         if not uri:
             raise ValueError("AudioJEPAEncoder needs a model URI or AUDIO_JEPA_MODEL_URI")
         self.model = load_encoder(uri, device)
-        self.output_dim = self.model.embedding_dim
+        self.output_dim = self.model.frame_dim
         self.sampling_rate = self.model.sample_rate
         self.hop_size_in_ms = self.model.hop_ms
 
     @torch.no_grad()
     def forward(self, audio: torch.Tensor) -> torch.Tensor:
-        """[B, samples] -> [B, T', D] frame embeddings."""
+        """[B, samples] -> [B, T', frame_dim] frame embeddings."""
         frames, _ = self.model.embed_frames(audio)
         return frames

@@ -1,0 +1,143 @@
+"""The quality study: does pretraining beat the encoder's own random init, read out and probed the same way?
+
+For every budget (train.steps) and seed, one pretraining run; its exported encoder and the random init
+of the same seed (the very weights the run started from) go through the same readout and the same
+probes on each dev task's test split, beside log-mel.  Ablations switch one recipe change back at a
+time.  Results: rows (JSON), a Markdown table of mean ± standard error over seeds, and a plot.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+# each recipe change, and the overrides that switch it back to what the service did before
+ABLATIONS: dict[str, dict] = {
+    "padding": {"data.short_audio": "pad", "data.trim_silence": False},
+    "stats": {"features.mean": -11.8, "features.std": 9.6},
+    "ema": {"ema.tau_start": 0.996, "ema.tau_end": 1.0, "ema.schedule": "cosine"},
+    "ratio": {"masking.ratio": [0.4, 0.6]},
+    "readout": {"readout.frames": "mean", "readout.pooling": "mean"},  # evaluation only: no retraining
+}
+EVAL_ONLY = {"readout"}
+
+
+def run_one(cfg, tasks: list[str], cache_dir: str, progress=print,
+            readouts: dict[str, dict] | None = None) -> dict[str, list[dict]]:
+    """Pretrain `cfg`, then probe its encoder and the same-seed random init; one row per task, model, probe.
+
+    `readouts` ({variant: overrides}) also evaluates the same checkpoint read out other ways."""
+    from service.evaluate import evaluate
+    from service.train import run_pretraining
+    summary = run_pretraining(cfg, progress=progress)
+    if summary["status"] != "succeeded":
+        raise RuntimeError(f"pretraining {cfg.run_name} {summary['status']}: {summary.get('error')}")
+    out = {}
+    for variant, readout in {None: None, **(readouts or {})}.items():
+        res = evaluate(summary["checkpoint"], tasks, cache_dir=cache_dir, log_to_mlflow=False, progress=progress,
+                       readout={k.split(".", 1)[1]: v for k, v in readout.items()} if readout else None)
+        out[variant] = [{"task": r["task"], "model": r["model"], "probe": r["probe"], "accuracy": r["accuracy"],
+                         "steps": cfg.train.steps, "seed": cfg.seed,
+                         "target_silence_fraction": summary["metrics"].get("target_silence_fraction"),
+                         "target_erank": summary["metrics"].get("target_erank")} for r in res["results"]]
+    return out
+
+
+def mean_se(values: list[float]) -> tuple[float, float]:
+    v = np.asarray(values, dtype=float)
+    return float(v.mean()), float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else float("nan")
+
+
+def table(rows: list[dict], probe: str = "linear", variant_key: str = "variant") -> str:
+    """Per task x budget (x variant): JEPA, random init, log-mel (mean ± s.e. over seeds), JEPA − random."""
+    lines = ["| variant | task | steps | seeds | JEPA | random init | log-mel | JEPA − random |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    keys = sorted({(r.get(variant_key, "recipe"), r["task"], r["steps"]) for r in rows if r["probe"] == probe})
+    fmt = lambda m, s: f"{m:.3f} ± {s:.3f}" if s == s else f"{m:.3f}"
+    for variant, task, steps in keys:
+        sel = [r for r in rows if r.get(variant_key, "recipe") == variant and r["task"] == task
+               and r["steps"] == steps and r["probe"] == probe]
+        acc = {m: {r["seed"]: r["accuracy"] for r in sel if r["model"] == m} for m in ("jepa", "random", "logmel")}
+        seeds = sorted(acc["jepa"])
+        diff = mean_se([acc["jepa"][s] - acc["random"][s] for s in seeds])
+        lines.append(f"| {variant} | {task} | {steps} | {len(seeds)} | {fmt(*mean_se(list(acc['jepa'].values())))} "
+                     f"| {fmt(*mean_se(list(acc['random'].values())))} | {fmt(*mean_se(list(acc['logmel'].values())))} "
+                     f"| {fmt(*diff)} |")
+    means = {}
+    for variant in sorted({r.get(variant_key, "recipe") for r in rows}):
+        for steps in sorted({r["steps"] for r in rows if r.get(variant_key, "recipe") == variant}):
+            sel = [r for r in rows if r.get(variant_key, "recipe") == variant and r["steps"] == steps
+                   and r["probe"] == probe]
+            by_seed: dict[int, list[float]] = {}
+            for r in sel:
+                if r["model"] in ("jepa", "random"):
+                    by_seed.setdefault(r["seed"], []).append(r["accuracy"] * (1 if r["model"] == "jepa" else -1))
+            n_tasks = len({r["task"] for r in sel})
+            means[(variant, steps)] = mean_se([sum(v) / n_tasks for v in by_seed.values()])
+    lines.append("")
+    lines.append("| variant | steps | mean over tasks of JEPA − random |")
+    lines.append("| --- | --- | --- |")
+    for (variant, steps), (m, s) in means.items():
+        lines.append(f"| {variant} | {steps} | {fmt(m, s)} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: str, probe: str = "linear") -> str:
+    """Accuracy against pretraining steps per task: JEPA and random init (mean ± s.e.), log-mel."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    main = [r for r in rows if r.get("variant", "recipe") == "recipe" and r["probe"] == probe]
+    tasks = sorted({r["task"] for r in main})
+    fig, axes = plt.subplots(1, max(len(tasks), 1), figsize=(4.2 * max(len(tasks), 1), 3.4), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        steps = sorted({r["steps"] for r in main if r["task"] == task})
+        for model, colour in (("jepa", "C0"), ("random", "C1"), ("logmel", "C2")):
+            ms = [mean_se([r["accuracy"] for r in main if r["task"] == task and r["steps"] == s
+                           and r["model"] == model]) for s in steps]
+            m = np.array([x[0] for x in ms])
+            se = np.nan_to_num(np.array([x[1] for x in ms]))
+            ax.errorbar(steps, m, yerr=se, marker="o", color=colour, capsize=3, label=model)
+        ax.set_title(task)
+        ax.set_xlabel("pretraining steps")
+        ax.set_ylabel(f"{probe} accuracy (test)")
+    axes[0][0].legend()
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def run_study(base, tasks: list[str], budgets: list[int], seeds: int, storage: str, cache_dir: str,
+              ablate: list[str] = (), ablation_steps: int = 0, ablation_seeds: int = 2, progress=print,
+              on_rows=None) -> list[dict]:
+    """All runs of the study, in order; each row says its variant ("recipe" or the change switched back).
+
+    `on_rows(rows)` is called after every run with all rows so far (a long study saves as it goes)."""
+    plan = [("recipe", {}, steps, seed) for steps in budgets for seed in range(seeds)]
+    a_steps = ablation_steps or budgets[-1]
+    if ablate:  # the recipe itself at the ablations' budget and seeds, unless the main grid has it
+        plan += [("recipe", {}, a_steps, seed) for seed in range(ablation_seeds)
+                 if ("recipe", {}, a_steps, seed) not in plan]
+    for name in ablate:
+        if name not in EVAL_ONLY:
+            plan += [(name, ABLATIONS[name], a_steps, seed) for seed in range(ablation_seeds)]
+    rows = []
+    for i, (variant, overrides, steps, seed) in enumerate(plan, start=1):
+        progress(f"[study {i}/{len(plan)}] {variant}: {steps} steps, seed {seed}")
+        cfg = base.with_overrides({**overrides, "train.steps": steps, "seed": seed,
+                                   "checkpoint.every_steps": steps,
+                                   "optim.warmup_steps": min(base.optim.warmup_steps, max(steps // 10, 1)),
+                                   "run_name": f"study-{variant}-{steps}-s{seed}",
+                                   "checkpoint.storage_path": os.path.join(storage, variant)})
+        readouts = {n: ABLATIONS[n] for n in ablate if n in EVAL_ONLY} \
+            if variant == "recipe" and steps == a_steps and seed < ablation_seeds else {}
+        for v, got in run_one(cfg, tasks, cache_dir, progress, readouts).items():
+            rows += [{**r, "variant": v or variant} for r in got]
+        if on_rows is not None:
+            on_rows(rows)
+    return rows
