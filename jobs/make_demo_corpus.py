@@ -41,6 +41,20 @@ WORDS = ("the a of river morning light sound music quiet garden city rain window
          "house mountain open close green blue running walking listen speak small large early late").split()
 
 
+CORPUS_VERSION = "2"  # 2: KLettres moved from pretrain/ to spoken_language, held-out voices, TimGM6mb valid
+
+
+def clear_stale_build(build: Path) -> None:
+    """Files are kept between builds; a build of another corpus version would leak sources across splits."""
+    marker = build / ".corpus_version"
+    if marker.exists() and marker.read_text().strip() == CORPUS_VERSION:
+        return
+    for sub in ("pretrain", "tasks"):
+        if (build / sub).exists():
+            say(f"removing {build / sub} (built by another corpus version)")
+            shutil.rmtree(build / sub)
+
+
 def say(msg: str) -> None:
     print(f"[demo corpus {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
@@ -245,6 +259,12 @@ def upload(local: Path, uri: str, endpoint: str | None) -> int:
             have[o["Key"]] = o["Size"]
     files = [p for p in sorted(local.rglob("*")) if p.is_file() and ".part" not in p.name]
     todo = [(p, f"{prefix}/{p.relative_to(local).as_posix()}".lstrip("/")) for p in files]
+    wanted = {k for _, k in todo}
+    stale = [k for k in have if k not in wanted and k[len(prefix):].lstrip("/").startswith(("pretrain/", "tasks/"))]
+    for i in range(0, len(stale), 1000):  # objects of an older corpus version
+        s3.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in stale[i:i + 1000]]})
+    if stale:
+        say(f"removed {len(stale)} stale objects under {uri}")
     todo = [(p, k) for p, k in todo if have.get(k) != p.stat().st_size]
     say(f"uploading {len(todo)} of {len(files)} files to {uri}")
     done = 0
@@ -277,6 +297,7 @@ def main(argv=None) -> int:
     remote = args.out.startswith("s3://")
     build = cache / "corpus" if remote else Path(args.out).resolve()
     root = fetch_packages(cache)
+    clear_stale_build(build)
     espeak = Espeak(root)
     rng = np.random.default_rng(args.seed)
     voices = sorted({f"{a}+{v}" for a in ACCENTS for v in espeak.variants})
@@ -290,6 +311,7 @@ def main(argv=None) -> int:
     n_dig = build_digit_task(build, espeak, digit_rng, digit_voices)
     say("copying the spoken-language task (KLettres recordings, recording-disjoint)")
     n_lang = build_language_task(root, build)
+    (build / ".corpus_version").write_text(CORPUS_VERSION)
     if remote:
         upload(build, args.out, args.s3_endpoint)
     say(f"done in {time.time() - t0:.0f} s: {n_pre} pretraining files, instrument_family {n_inst} clips, "

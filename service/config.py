@@ -83,7 +83,7 @@ class DataConfig:
     source: str = ""                # s3://bucket/prefix | local dir | manifest .csv/.parquet (required to train)
     extensions: list[str] = field(default_factory=lambda: ["wav", "flac", "ogg", "mp3"])
     crops_per_file: int = 4         # at most this many random crops from one long file
-    min_seconds: float = 0.25       # shorter decoded audio is skipped (too_short); shorter than a clip is padded
+    min_seconds: float = 0.25       # shorter decoded audio is skipped (too_short); shorter than a clip is looped
     max_file_mb: float = 256.0      # larger objects are skipped (too_large)
     max_channels: int = 16
     max_skip_fraction: float = 0.5  # fail the run when more files than this are bad
@@ -232,7 +232,7 @@ class TrainConfig:
 @dataclass
 class CheckpointConfig:
     every_steps: int = 200
-    storage_path: str = "runs"      # local dir or s3://bucket/prefix (data.s3_endpoint applies)
+    storage_path: str = "runs"      # local dir or s3://bucket/prefix (storage.s3_endpoint applies)
     keep: int = 2
 
     def validate(self) -> None:
@@ -330,6 +330,7 @@ class Config:
         d = self.to_dict()
         out = {k: d[k] for k in SHAPING_SECTIONS}
         out["train"] = {k: d["train"][k] for k in SHAPING_TRAIN_KEYS}
+        out["data"] = {k: d["data"][k] for k in SHAPING_DATA_KEYS}
         out["seed"] = self.seed
         return out
 
@@ -346,6 +347,7 @@ class Config:
 
 SHAPING_SECTIONS = ("features", "model", "masking", "ema", "loss", "optim")
 SHAPING_TRAIN_KEYS = ("steps", "batch_size")
+SHAPING_DATA_KEYS = ("short_audio", "trim_silence", "crops_per_file", "min_seconds")
 # keys that moved: old dotted key -> new one (refused with a message naming the new key)
 MOVED_KEYS = {"data.s3_endpoint": "storage.s3_endpoint", "data.s3_region": "storage.s3_region"}
 
@@ -477,6 +479,14 @@ def _absolute(uri: str) -> str:
 
 
 def config_from_dict(d: dict) -> Config:
+    """A stored config (checkpoint, registered model), migrated from older layouts, validated."""
+    d = json.loads(json.dumps(d))
+    data = d.get("data", {})
+    for old, new in MOVED_KEYS.items():  # configs stored before the storage: section
+        key = old.split(".")[1]
+        if key in data:
+            d.setdefault("storage", {})[new.split(".")[1]] = data.pop(key)
+    d.setdefault("readout", {"frames": "mean", "pooling": "mean"})  # models stored before readout: existed
     return build(Config, d).validate()
 
 

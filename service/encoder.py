@@ -95,7 +95,7 @@ class AudioEncoder(torch.nn.Module):
         audio) is filled the way training fills short audio (`data.short_audio`: looped, or zero-padded),
         and frames that start after the audio's end are dropped.  `lengths`: real samples per row.
         """
-        wav = torch.as_tensor(wav, dtype=torch.float32)
+        wav = torch.as_tensor(wav, dtype=torch.float32).detach().cpu()  # filled on the CPU, encoded on self.device
         if wav.dim() == 1:
             wav = wav[None]
         fc = self.cfg.features
@@ -180,7 +180,8 @@ def load_encoder(uri: str, device: str | torch.device | None = None) -> AudioEnc
     p = Path(uri)
     if p.is_file() and p.name == ENCODER_FILE:
         return load_encoder_file(p, device, uri)
-    state = checkpoint_state(uri)
+    from service.storage import s3_endpoint
+    state = checkpoint_state(uri, s3_endpoint())
     return AudioEncoder(ckpt.config_of(state), exported_weights(state), device, uri)
 
 

@@ -13,7 +13,7 @@ import numpy as np
 from service import tracking
 from service.config import load_config
 from service.encoder import load_encoder, random_encoder
-from service.features import logmel_stats
+from service.features import FEATURES_VERSION, logmel_stats
 from service.probe import (cached, encoder_features, load_audio, load_task, logmel_features, markdown_table,
                            run_probes)
 
@@ -45,7 +45,10 @@ def evaluate(model_uri: str, tasks: list[str], config: str | None = None, overri
         y = np.asarray(task.labels)[keep]
         split = np.asarray(task.splits)[keep]
         if cfg.features.mean is None:  # a random-init config without stats: measure them on this train split
-            cfg = cfg.with_overrides(logmel_stats([w for w, s in zip(wavs, split) if s == "train"], cfg.features))
+            stats = logmel_stats([w for w, s in zip(wavs, split) if s == "train"], cfg.features)
+            if stats is None:
+                raise ValueError(f"task {task.name}: no decodable train clips to measure features.mean/std on")
+            cfg = cfg.with_overrides(stats)
             progress(f"features.mean/std measured on {task.name}'s train split: "
                      f"{cfg.features.mean} / {cfg.features.std}")
         if models is None:
@@ -57,10 +60,12 @@ def evaluate(model_uri: str, tasks: list[str], config: str | None = None, overri
         for name, enc in models.items():
             key = {"model": model_uri if name == "jepa" else f"random:{cfg.hash()}:{cfg.seed}",
                    "task": task_uri, "manifest": task.manifest_sha, "readout": enc.cfg.readout.frames,
-                   "pooling": pooling or enc.cfg.readout.pooling}
+                   "pooling": pooling or enc.cfg.readout.pooling, "short_audio": enc.cfg.data.short_audio,
+                   "version": FEATURES_VERSION}
             X = cached(cache_dir, key, lambda enc=enc: encoder_features(enc, wavs, pooling))
             rows += [{"model": name, **r} for r in run_probes(X, y, split)]
-        key = {"model": "logmel", "features": repr(cfg.features), "task": task_uri, "manifest": task.manifest_sha}
+        key = {"model": "logmel", "features": repr(cfg.features), "task": task_uri, "manifest": task.manifest_sha,
+               "version": FEATURES_VERSION}
         X = cached(cache_dir, key, lambda: logmel_features(wavs, cfg.features))
         rows += [{"model": "logmel", **r} for r in run_probes(X, y, split)]
         for r in rows:

@@ -12,6 +12,7 @@ from torch import nn
 from service.config import FeaturesConfig
 
 LOG_FLOOR = 1e-10  # silent input -> log(1e-10), finite
+FEATURES_VERSION = 2  # bumped when the same config computes different features (2: aligned STFT framing)
 
 
 class LogMel(nn.Module):

@@ -18,6 +18,7 @@ from service.config import Config, config_from_dict
 from service.encoder import (ENCODER_FILE, AudioEncoder, checkpoint_state, encoder_artifact,  # noqa: F401
                              load_encoder, load_encoder_file, random_encoder)
 
+_load_encoder_file = load_encoder_file  # named by the pickled pyfunc of models registered before service.encoder
 
 # --- MLflow pyfunc -----------------------------------------------------------------------------
 def _pyfunc_class():
@@ -70,7 +71,8 @@ def register_run(cfg: Config, run_id: str, checkpoint_uri: str, name: str | None
     version = str(info.registered_model_version)
     c = tracking.client(uri)
     tags = {"run_id": run_id, "data_source": cfg.data.source, "steps": str(state["step"]),
-            "config_hash": cfg.hash(), "checkpoint": checkpoint_uri}
+            "config_hash": config_from_dict(json.loads(state["config"])).hash(),  # as trained (stats measured)
+            "checkpoint": checkpoint_uri}
     for k, v in tags.items():
         c.set_model_version_tag(name, version, k, v)
     c.set_registered_model_alias(name, alias, version)

@@ -427,13 +427,17 @@ def _normalisation_stats(cfg: Config, listing, progress) -> dict[str, float]:
 
 
 def _mask_picture(cfg: Config, listing, path: str) -> str | None:
-    """The run's mask geometry drawn on the first decodable clip of its source."""
-    wav = _example_clip(cfg, listing)
-    if wav is None:
+    """The run's mask geometry drawn on the first decodable clip of its source (a convenience: never fails)."""
+    try:
+        wav = _example_clip(cfg, listing)
+        if wav is None:
+            return None
+        fc = cfg.features
+        spec = LogMel(fc)(torch.as_tensor(wav)[None])[0]
+        return render_masks(spec, fc.grid, (fc.patch_freq, fc.patch_time), cfg.masking, path, seed=cfg.seed)
+    except Exception as e:  # noqa: BLE001
+        print(f"could not draw masks.png: {type(e).__name__}: {e}", flush=True)
         return None
-    fc = cfg.features
-    spec = LogMel(fc)(torch.as_tensor(wav)[None])[0]
-    return render_masks(spec, fc.grid, (fc.patch_freq, fc.patch_time), cfg.masking, path, seed=cfg.seed)
 
 
 def _example_clip(cfg: Config, listing):

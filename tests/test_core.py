@@ -319,3 +319,16 @@ def test_readout_layouts_and_dimensions():
     enc = AudioEncoder(cfg, device="cpu")
     assert enc.frame_dim == gf * cfg.model.width and enc.embedding_dim == 2 * enc.frame_dim
     assert enc.embed(torch.randn(3, cfg.features.clip_samples) * 0.1).shape == (3, enc.embedding_dim)
+
+
+def test_stored_configs_of_older_models_still_load():
+    """Checkpoints and registered models store their config: older layouts migrate, never fail to load."""
+    from service.config import config_from_dict
+    old = load_config("tiny", STATS).to_dict()
+    old["data"].update(s3_endpoint="http://127.0.0.1:9", s3_region="eu-west-1")
+    del old["storage"], old["readout"]
+    cfg = config_from_dict(old)
+    assert (cfg.storage.s3_endpoint, cfg.storage.s3_region) == ("http://127.0.0.1:9", "eu-west-1")
+    assert (cfg.readout.frames, cfg.readout.pooling) == ("mean", "mean")  # the readout they were made with
+    with pytest.raises(ConfigError, match="storage.s3_endpoint"):  # a user's config is told where the key went
+        load_config(old)
