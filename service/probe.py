@@ -62,7 +62,7 @@ def load_task(uri: str, endpoint: str | None = None) -> Task:
     rows = list(csv.reader(io.StringIO(raw.decode("utf-8"))))
     if not rows or [h.strip() for h in rows[0]] != ["path", "label", "split"]:
         raise TaskError(f"task {uri}: manifest.csv header must be 'path,label,split', got {rows[:1]}")
-    paths, labels, splits = [], [], []
+    paths, labels, splits, lines = [], [], [], []
     for i, r in enumerate(rows[1:], start=2):
         if not r:
             continue
@@ -72,9 +72,16 @@ def load_task(uri: str, endpoint: str | None = None) -> Task:
         paths.append(r[0].strip())
         labels.append(r[1].strip())
         splits.append(r[2].strip())
+        lines.append(i)
     for s in ("train", "test"):
         if s not in splits:
             raise TaskError(f"task {uri}: manifest.csv has no '{s}' rows")
+    first: dict[str, tuple[int, str]] = {}
+    for i, p, s in zip(lines, paths, splits):
+        j, other = first.setdefault(os.path.normpath(p), (i, s))
+        if other != s:  # the same clip on both sides of a split boundary inflates every score
+            raise TaskError(f"task {uri}: '{p}' is in split '{other}' (line {j}) and in '{s}' (line {i}): "
+                            "a clip must be in one split only")
     return Task(uri, paths, labels, splits, hashlib.sha256(raw).hexdigest()[:16])
 
 

@@ -95,6 +95,10 @@ def test_manifest_errors_name_the_problem(tmp_path):
         load_task(str(tmp_path))
     with pytest.raises(TaskError, match="manifest.csv"):
         load_task(str(tmp_path / "nowhere"))
+    # leakage: one clip in two splits is refused, naming it and both lines
+    (tmp_path / "manifest.csv").write_text("path,label,split\na.wav,x,train\n\nb.wav,y,test\n./a.wav,x,test\n")
+    with pytest.raises(TaskError, match=r"'./a.wav' is in split 'train' \(line 2\) and in 'test' \(line 5\)"):
+        load_task(str(tmp_path))
 
 
 def test_embedding_cache_reuses(tmp_path):
