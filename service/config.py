@@ -161,11 +161,13 @@ class ReadoutConfig:
     """How patch tokens become frame and clip vectors (embed, probes, adapters, evaluation alike)."""
     frames: str = "concat"          # concat: frequency rows side by side per time step (M2D) | mean over rows
     pooling: str = "meanstd"        # clip vector over time: mean | meanstd (mean and std) | meanmax
+    layers: int = 1                 # average of the last N blocks' (normed) outputs; 1 = the last block
 
     def validate(self) -> None:
         _check(self.frames in ("concat", "mean"), "readout.frames", self.frames, "concat or mean")
         _check(self.pooling in ("mean", "meanstd", "meanmax"), "readout.pooling", self.pooling,
                "mean, meanstd or meanmax")
+        _check(self.layers >= 1, "readout.layers", self.layers, ">= 1 (and at most model.depth)")
 
 
 @dataclass

@@ -112,7 +112,8 @@ class AudioEncoder(torch.nn.Module):
         outs = []
         for i in range(0, chunks.shape[0], batch_chunks):
             spec = self.frontend(chunks[i:i + batch_chunks].to(self.device))
-            tokens = self.encoder(patchify(spec, fc.patch_freq, fc.patch_time))
+            tokens = self.encoder(patchify(spec, fc.patch_freq, fc.patch_time),
+                                  layers=min(self.cfg.readout.layers, self.cfg.model.depth))
             outs.append(frame_readout(tokens, fc.grid, self.cfg.readout.frames).float().cpu())
         frames = torch.cat(outs).reshape(b, n_chunks * fc.grid[1], -1)
         keep = max(1, min(frames.shape[1], fc.columns_for(n)))  # columns that start inside the audio

@@ -59,7 +59,7 @@ def evaluate(model_uri: str, tasks: list[str], config: str | None = None, overri
         rows = []
         for name, enc in models.items():
             key = {"model": model_uri if name == "jepa" else f"random:{cfg.hash()}:{cfg.seed}",
-                   "task": task_uri, "manifest": task.manifest_sha, "readout": enc.cfg.readout.frames,
+                   "task": task_uri, "manifest": task.manifest_sha, "readout": enc.cfg.readout.frames, "layers": enc.cfg.readout.layers,
                    "pooling": pooling or enc.cfg.readout.pooling, "short_audio": enc.cfg.data.short_audio,
                    "version": FEATURES_VERSION}
             X = cached(cache_dir, key, lambda enc=enc: encoder_features(enc, wavs, pooling))

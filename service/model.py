@@ -95,15 +95,19 @@ class Encoder(nn.Module):
         self.norm = nn.LayerNorm(cfg.width, eps=1e-6)
         _init_weights(self, self.blocks)
 
-    def forward(self, patches: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, patches: torch.Tensor, keep: torch.Tensor | None = None, layers: int = 1) -> torch.Tensor:
+        """Tokens after the final norm; `layers` > 1 averages the normed outputs of the last `layers` blocks."""
         x = self.patch_embed(patches)
         pos = self.pos.unsqueeze(0).expand(x.shape[0], -1, -1)
         if keep is not None:
             x, pos = gather_tokens(x, keep), gather_tokens(pos, keep)
         x = x + pos
-        for blk in self.blocks:
+        out = []
+        for i, blk in enumerate(self.blocks):
             x = blk(x)
-        return self.norm(x)
+            if i >= len(self.blocks) - layers:
+                out.append(self.norm(x))
+        return out[0] if len(out) == 1 else torch.stack(out).mean(0)
 
 
 class Predictor(nn.Module):
