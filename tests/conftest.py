@@ -149,7 +149,7 @@ def mlflow_server(tmp_path_factory):
                         "--port", str(port), "--workers", "1"], d / "server.log")
     uri = f"http://127.0.0.1:{port}"
     try:
-        wait_http(f"{uri}/health", timeout=120, proc=proc)
+        wait_http(f"{uri}/health", timeout=300, proc=proc)  # ~16 s idle; minutes on a loaded 2-core machine
         os.environ["MLFLOW_TRACKING_URI"] = uri
         yield uri
     finally:

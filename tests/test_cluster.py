@@ -109,9 +109,10 @@ def test_cluster_up_submit_e2e_and_down(tmp_path, clean_corpus_dir):
         assert s["status"] == "succeeded" and s["final_step"] == 10 and s["checkpoint"].startswith("s3://e2e/runs/")
         assert s["registered_model"]["name"] == "e2e-model"
         code = ("from service.registry import load_encoder; import torch; "
-                "e = load_encoder('models:/e2e-model@current', 'cpu'); print(e.embed(torch.zeros(1, 16000)).shape)")
+                "e = load_encoder('models:/e2e-model@current', 'cpu'); "
+                "print(e.embed(torch.zeros(1, 16000)).shape[1] == e.embedding_dim == 2 * 64 * e.cfg.features.grid[0])")
         loaded = subprocess.run([sys.executable, "-c", code], env=full, capture_output=True, text=True, timeout=300)
-        assert loaded.returncode == 0 and "torch.Size([1, 64])" in loaded.stdout, loaded.stderr[-2000:]
+        assert loaded.returncode == 0 and "True" in loaded.stdout, loaded.stderr[-2000:]
         ports = [int(u.rsplit(":", 1)[1]) for u in (env["RAY_ADDRESS"], env["MLFLOW_TRACKING_URI"],
                                                      env["AWS_ENDPOINT_URL"])] + [int(env["RAY_GCS_ADDRESS"].rsplit(":", 1)[1])]
         ours = tree(pgids)
