@@ -68,7 +68,8 @@ def test_registered_version_tags_and_alias(trained, mlflow_server):
     mv = c.get_model_version_by_alias(NAME, "current")
     assert mv.version == reg["version"]
     assert mv.tags["run_id"] == summary["mlflow_run_id"] and mv.tags["steps"] == "20"
-    assert mv.tags["config_hash"] == cfg.hash() and mv.tags["data_source"] == cfg.data.source
+    trained_cfg = ckpt.config_of(ckpt.load_state(summary["checkpoint"]))  # with the measured normalisation
+    assert mv.tags["config_hash"] == trained_cfg.hash() != cfg.hash() and mv.tags["data_source"] == cfg.data.source
     subprocess.run([sys.executable, "-m", "jobs.promote", NAME, reg["version"], "--alias", "champion",
                     "--tracking-uri", mlflow_server], check=True)
     assert c.get_model_version_by_alias(NAME, "champion").version == reg["version"]
