@@ -101,7 +101,6 @@ class DataLedger:
         self.seen = len(too_large)
         self.clips = 0
         self.skipped: dict[str, int] = {"too_large": len(too_large)} if too_large else {}
-        self.examples: dict[str, list[str]] = {"too_large": too_large[:5]} if too_large else {}
         self.bad: dict[str, tuple[str, str]] = {k: ("too_large", "") for k in too_large}  # key -> (reason, detail)
 
     def record(self, seen: int, clips: int, skipped: list[tuple[str, str, str]]) -> None:
@@ -109,9 +108,6 @@ class DataLedger:
         self.clips += clips
         for reason, key, detail in skipped:
             self.skipped[reason] = self.skipped.get(reason, 0) + 1
-            ex = self.examples.setdefault(reason, [])
-            if len(ex) < 5 and key not in ex:
-                ex.append(key)
             self.bad[key] = (reason, detail)
 
     def skipped_files(self) -> list[tuple[str, str, str]]:
@@ -119,8 +115,12 @@ class DataLedger:
         return sorted((k, r, d) for k, (r, d) in self.bad.items())
 
     def totals(self) -> dict:
+        examples: dict[str, list[str]] = {}  # the first 5 distinct files skipped for each reason
+        for key, (reason, _) in self.bad.items():
+            if len(examples.setdefault(reason, [])) < 5:
+                examples[reason].append(key)
         return {"files": self.listed, "files_seen": self.seen, "clips": self.clips,
-                "skipped": dict(self.skipped), "examples": {k: list(v) for k, v in self.examples.items()}}
+                "skipped": dict(self.skipped), "examples": examples}
 
 
 def check_skips(totals: dict, max_fraction: float, min_seen: int = 20) -> str | None:
