@@ -19,13 +19,14 @@ def main(argv: list[str] | None = None) -> int:
     if not cfg.data.source:
         die("data.source is empty: pass --set data.source=s3://bucket/prefix (or a local dir or a manifest)")
     setup_logging()
+    from service.config import ConfigError
     from service.data import DataSourceError
     from service.train import run_pretraining
 
     init_ray(min_cpus=cfg.train.workers * cfg.train.cpus_per_worker + 1)
     try:
         summary = run_pretraining(cfg)
-    except DataSourceError as e:
+    except (DataSourceError, ConfigError) as e:  # nothing a retry could fix: fail before training
         write_summary(args.summary_json, {"status": "failed", "run_name": cfg.run_name, "error": str(e)})
         die(str(e), 1)
     if summary["status"] == "succeeded" and cfg.mlflow.registered_model and summary.get("mlflow_run_id"):

@@ -2,7 +2,8 @@
 weights_only=True), the resolved `config.yaml`, and `COMPLETE` (sha256 of state.pt) written last.
 
 A directory without a matching COMPLETE marker is never loaded: a crash mid-save cannot leave a
-checkpoint that looks valid.  Ray Train copies the finished directory to `storage_path` and keeps
+checkpoint that looks valid.  A state with a non-finite tensor is never written, and a damaged
+newest checkpoint gives way to the previous one that still verifies.  Ray Train copies the finished directory to `storage_path` and keeps
 the `checkpoint.keep` most recent.
 """
 from __future__ import annotations
@@ -31,9 +32,22 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def nonfinite_tensors(model, optimizer=None) -> list[str]:
+    """Names of weights / optimiser tensors holding NaN or inf (empty when the state is safe to save)."""
+    named = [(f"{part}.{k}", v) for part in ("encoder", "predictor", "target_encoder")
+             for k, v in getattr(model, part).state_dict().items()]
+    if optimizer is not None:
+        named += [(f"optimizer.{i}.{k}", v) for i, st in optimizer.state_dict()["state"].items() for k, v in st.items()]
+    return [k for k, v in named if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+
+
 def save(directory: str | Path, cfg: Config, model, optimizer, step: int, epoch: int,
-         metrics: dict | None = None) -> Path:
-    """Write a complete checkpoint into `directory` (created; must be fresh or empty)."""
+         metrics: dict | None = None, skipped_steps: int = 0) -> Path:
+    """Write a complete checkpoint into `directory` (created; must be fresh or empty); refuses non-finite state."""
+    bad = nonfinite_tensors(model, optimizer)
+    if bad:
+        raise CheckpointError(f"refusing to checkpoint step {step}: non-finite values in {', '.join(bad[:5])}"
+                              + (f" and {len(bad) - 5} more" if len(bad) > 5 else ""))
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     state = {
@@ -45,6 +59,7 @@ def save(directory: str | Path, cfg: Config, model, optimizer, step: int, epoch:
         "target_encoder": model.target_encoder.state_dict(),
         "optimizer": optimizer.state_dict() if optimizer is not None else {},
         "torch_rng": torch.get_rng_state(),
+        "skipped_steps": int(skipped_steps),
         "config": json.dumps(cfg.to_dict()),
     }
     tmp = d / (STATE + ".tmp")
@@ -63,10 +78,29 @@ def load_state(directory: str | Path, map_location="cpu") -> dict:
     marker = d / MARKER
     if not marker.exists() or not (d / STATE).exists():
         raise CheckpointError(f"{d} is not a complete checkpoint (missing {MARKER} or {STATE})")
-    expected = json.loads(marker.read_text())["sha256"]
+    try:
+        expected = json.loads(marker.read_text())["sha256"]
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"{marker} is unreadable ({e}): incomplete checkpoint") from e
     if _sha256(d / STATE) != expected:
         raise CheckpointError(f"{d}/{STATE} does not match its {MARKER} checksum (corrupt or partial write)")
     return torch.load(d / STATE, map_location=map_location, weights_only=True)
+
+
+def load_uri(uri: str, endpoint: str | None = None, region: str | None = None, map_location="cpu") -> dict:
+    """Verified state of a checkpoint directory, local or s3:// (state.pt and its marker fetched first)."""
+    if not uri.startswith("s3://"):
+        return load_state(uri, map_location)
+    import tempfile
+
+    from service.storage import read_bytes
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in (STATE, MARKER):
+            try:
+                Path(tmp, name).write_bytes(read_bytes(f"{uri.rstrip('/')}/{name}", endpoint, region))
+            except FileNotFoundError:
+                raise CheckpointError(f"{uri} is not a complete checkpoint (missing {name})") from None
+        return load_state(tmp, map_location)
 
 
 def read_marker(checkpoint) -> dict:
@@ -108,8 +142,8 @@ def fingerprint(model, optimizer=None) -> dict[str, float]:
     return out
 
 
-def latest_checkpoint(cfg: Config) -> str | None:
-    """The newest complete checkpoint directory of a run in its storage path (local or s3://)."""
+def checkpoint_dirs(cfg: Config) -> list[str]:
+    """A run's checkpoint directories (local or s3:// URIs), newest first, verified or not."""
     import pyarrow.fs as pafs
 
     from service.storage import resolve, uri_for
@@ -117,9 +151,32 @@ def latest_checkpoint(cfg: Config) -> str | None:
     try:
         infos = fs.get_file_info(pafs.FileSelector(root, recursive=False))
     except (FileNotFoundError, OSError):
-        return None
+        return []
     dirs = sorted(i.path for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_"))
-    for d in reversed(dirs):
-        if fs.get_file_info(f"{d}/{MARKER}").type == pafs.FileType.File:
-            return uri_for(d, cfg.checkpoint.storage_path)
+    return [uri_for(d, cfg.checkpoint.storage_path) for d in reversed(dirs)]
+
+
+def load_latest(cfg: Config, exclude: tuple[str, ...] = (), map_location="cpu", log=print) -> tuple[dict, str] | None:
+    """(state, uri) of the newest checkpoint whose state.pt matches its marker's sha256; damaged ones are
+    logged and passed over (falling back to the previous complete one).  None when the run has none;
+    CheckpointError when it has checkpoints but none verifies (starting afresh would silently lose them)."""
+    dirs = [d for d in checkpoint_dirs(cfg) if os.path.basename(d.rstrip("/")) not in exclude]
+    problems = []
+    for d in dirs:
+        try:
+            return load_uri(d, cfg.storage.s3_endpoint, cfg.storage.s3_region, map_location), d
+        except CheckpointError as e:
+            problems.append(str(e))
+            log(f"checkpoint {d} skipped: {e}")
+    if problems and not exclude:
+        raise CheckpointError(f"run {cfg.run_name}: no checkpoint verifies ({'; '.join(problems)})")
     return None
+
+
+def latest_checkpoint(cfg: Config) -> str | None:
+    """The newest checkpoint directory of a run whose sha256 verifies (local or s3://), else None."""
+    try:
+        found = load_latest(cfg)
+    except CheckpointError:
+        return None
+    return found[1] if found else None

@@ -247,6 +247,13 @@ class FailureConfig:
     max_failures: int = 3
     inject_kill_at_step: int = 0    # > 0: kill worker inject_kill_rank once at this step (rehearsals/tests)
     inject_kill_rank: int = 0
+    inject_nan_grad_at_step: int = 0  # > 0: rank 0's gradients become NaN once at this step (rehearsals/tests)
+
+
+@dataclass
+class ResumeConfig:
+    """Resubmitting a run name continues its checkpoint, but only with the config it was trained with."""
+    allow_config_change: bool = False  # true: continue with changed settings; the change is recorded on the run
 
 
 @dataclass
@@ -293,6 +300,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     failure: FailureConfig = field(default_factory=FailureConfig)
+    resume: ResumeConfig = field(default_factory=ResumeConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 
@@ -315,17 +323,7 @@ class Config:
 
     def flat(self) -> dict[str, Any]:
         """Dotted key -> value, for MLflow params."""
-        out: dict[str, Any] = {}
-
-        def walk(prefix: str, d: dict) -> None:
-            for k, v in d.items():
-                key = f"{prefix}{k}"
-                if isinstance(v, dict):
-                    walk(key + ".", v)
-                else:
-                    out[key] = v
-        walk("", self.to_dict())
-        return out
+        return _flatten(self.to_dict())
 
     def shaping(self) -> dict[str, Any]:
         """The settings that decide what a run learns: not names, paths, endpoints, tracking or parallelism."""
@@ -335,6 +333,11 @@ class Config:
         out["data"] = {k: d["data"][k] for k in SHAPING_DATA_KEYS}
         out["seed"] = self.seed
         return out
+
+    def shaping_changes(self, other: "Config") -> dict[str, tuple[Any, Any]]:
+        """Dotted shaping key -> (ours, other's) for every setting that differs: what a resume must not drift."""
+        a, b = _flatten(self.shaping()), _flatten(other.shaping())
+        return {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}
 
     def hash(self) -> str:
         """Stable hash of the model-defining settings (`shaping`), for registry tags and caches."""
@@ -352,6 +355,13 @@ SHAPING_TRAIN_KEYS = ("steps", "batch_size")
 SHAPING_DATA_KEYS = ("short_audio", "trim_silence", "crops_per_file", "min_seconds")
 # keys that moved: old dotted key -> new one (refused with a message naming the new key)
 MOVED_KEYS = {"data.s3_endpoint": "storage.s3_endpoint", "data.s3_region": "storage.s3_region"}
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
 
 
 def _check(ok: bool, key: str, value: Any, expected: str) -> None:

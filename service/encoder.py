@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -59,7 +58,7 @@ class AudioEncoder(torch.nn.Module):
                  source: str = ""):
         super().__init__()
         fc = cfg.features
-        self.cfg, self.source = cfg, source
+        self.cfg, self.source, self.resolved = cfg, source, source
         self.frontend = LogMel(fc)
         self.encoder = Encoder(fc.patch_freq * fc.patch_time, fc.grid, cfg.model)
         if encoder_state is not None:
@@ -67,6 +66,17 @@ class AudioEncoder(torch.nn.Module):
         self.eval().requires_grad_(False)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.to(self.device)
+
+    def digest(self) -> str:
+        """sha256 of the encoder's weights and the settings that shape its embeddings: what caches key on
+        (a URI or an alias may point at other weights tomorrow)."""
+        import hashlib
+        h = hashlib.sha256(json.dumps({"features": self.cfg.to_dict()["features"],
+                                       "model": self.cfg.to_dict()["model"]}, sort_keys=True).encode())
+        for k, v in sorted(self.encoder.state_dict().items()):
+            h.update(k.encode())
+            h.update(v.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
 
     @property
     def sample_rate(self) -> int:
@@ -158,26 +168,35 @@ def load_encoder_file(path: str | Path, device=None, source: str = "") -> AudioE
 
 
 def checkpoint_state(uri: str, endpoint: str | None = None) -> dict:
-    """Verified state of a checkpoint directory, local or s3:// (state.pt and its marker are fetched)."""
-    if not uri.startswith("s3://"):
-        return ckpt.load_state(uri)
-    from service.storage import read_bytes
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in (ckpt.STATE, ckpt.MARKER):
-            Path(tmp, name).write_bytes(read_bytes(uri.rstrip("/") + "/" + name, endpoint))
-        return ckpt.load_state(tmp)
+    """Verified state of a checkpoint directory, local or s3://."""
+    return ckpt.load_uri(uri, endpoint)
+
+
+def resolve_model_uri(uri: str) -> str:
+    """`models:/NAME@ALIAS` -> `models:/NAME/VERSION` it points at now (other URIs unchanged), so one job
+    reads, caches and logs to a single version even if the alias is moved meanwhile."""
+    if not (uri.startswith("models:/") and "@" in uri):
+        return uri
+    from mlflow import MlflowClient
+    name, alias = uri[len("models:/"):].split("@", 1)
+    return f"models:/{name}/{MlflowClient().get_model_version_by_alias(name, alias).version}"
 
 
 def load_encoder(uri: str, device: str | torch.device | None = None) -> AudioEncoder:
-    """`models:/NAME@ALIAS`, `models:/NAME/VERSION`, `runs:/ID/encoder` or a checkpoint dir -> AudioEncoder."""
+    """`models:/NAME@ALIAS`, `models:/NAME/VERSION`, `runs:/ID/encoder` or a checkpoint dir -> AudioEncoder.
+
+    `.resolved` is the exact source read (an alias resolved to its version)."""
     if uri.startswith(("models:/", "runs:/", "mlflow-artifacts:/")):
         import mlflow
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a log line per file in job logs
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+        resolved = resolve_model_uri(uri)
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=resolved))
         found = list(local.rglob(ENCODER_FILE))
         if not found:
             raise FileNotFoundError(f"{uri} has no {ENCODER_FILE}: not an Audio-JEPA model")
-        return load_encoder_file(found[0], device, uri)
+        enc = load_encoder_file(found[0], device, uri)
+        enc.resolved = resolved
+        return enc
     p = Path(uri)
     if p.is_file() and p.name == ENCODER_FILE:
         return load_encoder_file(p, device, uri)

@@ -54,11 +54,14 @@ def evaluate(model_uri: str, tasks: list[str], config: str | None = None, overri
         if models is None:
             rnd = random_encoder(cfg, seed=cfg.seed)
             models = {"jepa": encoder, "random": rnd} if encoder is not None else {"random": rnd}
+            # caches key on what was read: the resolved version and the weights' sha256, never the URI string
+            ids = {name: f"{enc.resolved}#{enc.digest()}" if name == "jepa" else f"random:{cfg.hash()}:{cfg.seed}"
+                   for name, enc in models.items()}
         progress(f"task {task.name}: {len(wavs)} clips ({len(task.skipped)} skipped), "
                  f"{len(set(y))} classes, splits {dict(zip(*np.unique(split, return_counts=True)))}")
         rows = []
         for name, enc in models.items():
-            key = {"model": model_uri if name == "jepa" else f"random:{cfg.hash()}:{cfg.seed}",
+            key = {"model": ids[name],
                    "task": task_uri, "manifest": task.manifest_sha, "readout": enc.cfg.readout.frames, "layers": enc.cfg.readout.layers,
                    "pooling": pooling or enc.cfg.readout.pooling, "short_audio": enc.cfg.data.short_audio,
                    "version": FEATURES_VERSION}
@@ -76,8 +79,9 @@ def evaluate(model_uri: str, tasks: list[str], config: str | None = None, overri
         progress(table + f"\n({time.time() - t0:.1f} s)")
     summary = {"status": "succeeded", "model_uri": model_uri, "results": results, "markdown": "\n\n".join(tables)}
     uri = os.environ.get("MLFLOW_TRACKING_URI", "")
-    if log_to_mlflow and uri and model_uri.startswith("models:/"):
-        summary["mlflow_run_id"] = log_results(uri, model_uri, results)
+    if log_to_mlflow and uri and model_uri.startswith("models:/"):  # to the version read, not where the alias is now
+        summary["resolved_model_uri"] = encoder.resolved
+        summary["mlflow_run_id"] = log_results(uri, encoder.resolved, results)
     return summary
 
 

@@ -8,7 +8,6 @@ ASHA can stop weak trials; a collapsed trial ends itself and is recorded as coll
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ import yaml
 from ray.tune import Callback
 
 from service import tracking
+from service.storage import uri_for
 from service.sweep_report import log_sweep_report
 from service.config import Config, ConfigError, build, load_config, resolve_path
 
@@ -122,13 +122,13 @@ def run_trial(params: dict, base: dict, sweep_name: str, parent_run_id: str | No
     """Tune function trainable: one full pretraining run, metrics forwarded by TuneReportCallback."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
-    from ray.util import get_current_placement_group, placement_group_table
+    from ray.util import get_current_placement_group
 
     from service.train import run_pretraining
     cfg = trial_config(load_config(base), params, f"{sweep_name}-{ray.tune.get_context().get_trial_id()}")
     cfg.mlflow.registered_model = ""  # only the best trial is registered, by the sweep driver
     own = get_current_placement_group()
-    before = set(placement_group_table()) | ({own.id.hex()} if own else set())
+    before = set(_job_placement_groups()) | ({own.id.hex()} if own else set())
     summary = run_pretraining(cfg, parent_run_id=parent_run_id, callbacks=[TuneReportCallback()])
     _release_placement_groups(before, exclusive)
     m = summary.get("metrics", {})
@@ -138,22 +138,32 @@ def run_trial(params: dict, base: dict, sweep_name: str, parent_run_id: str | No
             "done": True}
 
 
+def _job_placement_groups() -> list[str]:
+    """Live placement groups created by this Ray job (this sweep), never another job's."""
+    import ray
+    from ray.util.state import list_placement_groups
+    job = ray.get_runtime_context().get_job_id()
+    return [pg.placement_group_id for pg in list_placement_groups(
+        filters=[("creator_job_id", "=", job)], detail=True, limit=10_000, raise_on_missing_output=False)
+            if pg.state == "CREATED"]
+
+
 def _release_placement_groups(before: set[str], exclusive: bool, wait_s: float = 20.0) -> None:
     """Make sure the finished Train run's placement group is gone before the trial ends.
 
     When the trial actor exits right after `fit()`, Ray Train's own clean-up can lose the race and
     leave the worker group's CPUs reserved, which starves every later trial on a small machine.
-    We wait for it; when trials run one at a time (`exclusive`), any placement group created since
-    this trial started is this trial's and is removed.
+    We wait for it; when trials run one at a time (`exclusive`), any placement group this job
+    created since the trial started is this trial's and is removed (other jobs' are never touched).
     """
     import time
 
     import ray
-    from ray.util import placement_group_table, remove_placement_group
+    from ray.util import remove_placement_group
     from ray.util.placement_group import PlacementGroup
 
     def left() -> list[str]:
-        return [k for k, v in placement_group_table().items() if k not in before and v["state"] == "CREATED"]
+        return [k for k in _job_placement_groups() if k not in before]
 
     try:
         deadline = time.time() + wait_s
@@ -175,7 +185,7 @@ def run_sweep(sweep: SweepConfig, base: Config, progress=print) -> dict:
     if uri:
         key_cfg = base.with_overrides({"run_name": f"sweep-{sweep.name}"})
         parent = tracking.start_or_resume(key_cfg, extra_tags={"audio_jepa.sweep": sweep.name})
-    storage = _tune_storage(base)
+    storage, storage_fs = _tune_storage(base)
     space, search_alg = param_space(sweep)
     base = base.with_overrides({"data.concurrency": data_cpus(base)})  # trials share the cluster
     cpus = int(ray.cluster_resources().get("CPU", 1))
@@ -190,14 +200,14 @@ def run_sweep(sweep: SweepConfig, base: Config, progress=print) -> dict:
         tune.with_parameters(run_trial, base=base.to_dict(), sweep_name=sweep.name, parent_run_id=parent,
                              exclusive=concurrent == 1),
         {"CPU": 0.01})
-    path = os.path.join(storage, sweep.name)
-    run_config = tune.RunConfig(name=sweep.name, storage_path=storage,
+    path = f"{storage.rstrip('/')}/{sweep.name}"
+    run_config = tune.RunConfig(name=sweep.name, storage_path=storage, storage_filesystem=storage_fs,
                                 failure_config=tune.FailureConfig(max_failures=0),
                                 callbacks=[CloseStoppedTrialRuns(base, sweep.name)])
-    if tune.Tuner.can_restore(path):
+    if tune.Tuner.can_restore(path, storage_filesystem=storage_fs):
         progress(f"resuming sweep {sweep.name} from {path} (finished trials are not re-run)")
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True,
-                                   param_space=space)
+                                   param_space=space, storage_filesystem=storage_fs)
     else:
         progress(f"sweep {sweep.name}: {sweep.search.algorithm} search, up to {concurrent} trial(s) at a time")
         tuner = tune.Tuner(trainable, param_space=space, run_config=run_config,
@@ -207,7 +217,7 @@ def run_sweep(sweep: SweepConfig, base: Config, progress=print) -> dict:
     results = tuner.fit()
     rows = trial_rows(results, sweep, base)
     summary = {"status": "succeeded", "sweep": sweep.name, "mlflow_run_id": parent, "trials": rows,
-               "storage": path}
+               "storage": uri_for(path, base.checkpoint.storage_path)}
     best = max((r for r in rows if r["status"] in ("finished", "early_stopped") and not math.isnan(r["probe_score"])),
                key=lambda r: r["probe_score"], default=None)
     summary["best"] = best
@@ -225,12 +235,10 @@ def run_sweep(sweep: SweepConfig, base: Config, progress=print) -> dict:
     return summary
 
 
-def _tune_storage(base: Config) -> str:
-    from service.storage import is_remote
-    sp = base.checkpoint.storage_path
-    if is_remote(sp):
-        return sp.rstrip("/") + "/sweeps"
-    return os.path.abspath(os.path.join(sp, "sweeps"))
+def _tune_storage(base: Config):
+    """(path, filesystem) of the sweep's Tune state: beside the checkpoints, on the same S3 endpoint."""
+    from service.storage import join, ray_storage
+    return ray_storage(join(base.checkpoint.storage_path, "sweeps"), base.storage.s3_endpoint, base.storage.s3_region)
 
 
 def trial_status(last_result: dict, errored: bool, steps: int) -> str:

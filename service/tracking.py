@@ -124,6 +124,18 @@ def plot_history(uri: str, run_id: str, path: str) -> str | None:
     return path
 
 
+def record_config_change(cfg: Config, run_id: str | None, changes: dict) -> None:
+    """A resume under a changed config (resume.allow_config_change), kept on the run: one tag per change
+    (`audio_jepa.config_change.<n>`: JSON of key -> [old, new]); params keep the values the run started with."""
+    uri = tracking_uri(cfg)
+    if not (uri and run_id):
+        return
+    c = client(uri)
+    n = sum(1 for k in c.get_run(run_id).data.tags if k.startswith("audio_jepa.config_change."))
+    c.set_tag(run_id, f"audio_jepa.config_change.{n + 1}",
+              json.dumps({k: list(v) for k, v in changes.items()}, default=str)[:4900])
+
+
 def close_run(cfg: Config, run_id: str, status: str, checkpoint: str | None = None, data: dict | None = None,
               files: tuple[str, ...] = ()) -> None:
     """The end of every pretraining run, whoever ends it: tags, run artifacts (+ `files`), terminated."""

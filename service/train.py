@@ -8,7 +8,6 @@ every mask draw is a function of the global step, so nothing drifts across resta
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import tempfile
@@ -19,7 +18,7 @@ import torch
 
 from service import checkpoint as ckpt
 from service import tracking
-from service.config import Config, config_from_dict
+from service.config import Config, ConfigError, config_from_dict
 from service.features import LogMel, patchify
 from service.masks import MaskGenerator, render_masks
 from service.model import AudioJEPA, collapse_stats
@@ -29,6 +28,10 @@ from service.storage import join, ray_storage, read_bytes, uri_for, write_bytes
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+class RunStopped(RuntimeError):
+    """An error a restart cannot fix: every rank stops, the run fails at once (no `failure.max_failures` spent)."""
 
 
 def _fault_marker(cfg: Config) -> str:
@@ -123,7 +126,7 @@ class WorkerRun:
 
         self.core = AudioJEPA(cfg).to(self.device)
         self.opt = build_optimizer(self.core, cfg.optim)
-        self.step, self.epoch, self.resume_record = 0, 0, None
+        self.step, self.epoch, self.resume_record, self.skipped_steps = 0, 0, None, 0
         self._restore(ray.train.get_checkpoint())
         self.model = ray.train.torch.prepare_model(self.core) if self.world > 1 else self.core
         self.trainable = [p for p in self.core.parameters() if p.requires_grad]
@@ -137,15 +140,29 @@ class WorkerRun:
         self.stream = self._batches(ray.train.get_dataset_shard("train"))
         self.probe = self._probe() if cfg.probe.task and self.rank == 0 else None
         self.probe_last = 0.0 if cfg.probe.task else None
-        self.window, self.nonfinite, self.collapsed = Window(), 0, False
+        self.window, self.nonfinite, self.collapsed, self.last_h = Window(), 0, False, None
         self.t_start, self.step_start = time.time(), self.step
 
     # --- set-up ------------------------------------------------------------------------------
     def _restore(self, restored) -> None:
+        """Continue from Ray's latest checkpoint; if it does not verify, from the newest one that does."""
         if restored is None:
             return
-        with restored.as_directory() as d:
-            self.step, self.epoch = ckpt.restore(ckpt.load_state(d, map_location=self.device), self.core, self.opt)
+        say = print if self.rank == 0 else (lambda *a, **k: None)
+        try:
+            with restored.as_directory() as d:
+                state = ckpt.load_state(d, map_location=self.device)
+        except ckpt.CheckpointError as e:
+            name = os.path.basename(restored.path.rstrip("/"))
+            say(f"checkpoint {name} is damaged ({e}); falling back to the previous complete one", flush=True)
+            found = ckpt.load_latest(self.cfg, exclude=(name,), map_location=self.device, log=say)
+            if found is None:
+                raise ckpt.CheckpointError(f"run {self.cfg.run_name}: {name} is damaged and no earlier checkpoint "
+                                           "verifies; use a new run_name to start afresh") from e
+            state, uri = found
+            say(f"falling back to {uri}", flush=True)
+        self.step, self.epoch = ckpt.restore(state, self.core, self.opt)
+        self.skipped_steps = int(state.get("skipped_steps", 0))
         if self.rank == 0:
             print(f"resumed from checkpoint at step {self.step}", flush=True)
             self.resume_record = {"step": self.step, "epoch": self.epoch,
@@ -174,7 +191,10 @@ class WorkerRun:
 
     # --- one step ----------------------------------------------------------------------------
     def train_step(self) -> torch.Tensor | None:
-        """One optimiser step on the next batch; the target tokens, or None when the step was skipped."""
+        """One optimiser step on the next batch; the latest good step's target tokens (None before any).
+
+        A step whose loss or gradient norm is not finite on any rank is skipped by every rank: no
+        optimiser step, no EMA update, counted in `skipped_steps`."""
         cfg = self.cfg
         _maybe_inject_fault(cfg, self.step, self.rank)
         t_wait = time.time()
@@ -192,12 +212,19 @@ class WorkerRun:
             loss, h = self.model(patches, ctx, tgt)
         self.opt.zero_grad(set_to_none=True)
         if agree(float(torch.isfinite(loss).item()), "min", self.device) < 1:
-            self._skip_nonfinite()
-            return None
-        self.nonfinite = 0
+            self._skip_nonfinite("loss")
+            return self.last_h
         loss.backward()
+        if self.step == cfg.failure.inject_nan_grad_at_step and self.rank == 0:
+            print(f"[fault injection] NaN gradients on rank 0 at step {self.step}", flush=True)
+            self.trainable[0].grad.fill_(float("nan"))
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
         gnorm = torch.nn.utils.clip_grad_norm_(self.trainable, clip)
+        if agree(float(torch.isfinite(gnorm).item()), "min", self.device) < 1:
+            self.opt.zero_grad(set_to_none=True)
+            self._skip_nonfinite("gradient norm")
+            return self.last_h
+        self.nonfinite = 0
         self.opt.step()
         self.step += 1
         self.core.ema_update(tau_at(self.step, self.total, cfg.ema))
@@ -206,11 +233,13 @@ class WorkerRun:
         if self.resume_record is not None:  # written after the first step: it also times the recovery
             _write_resume_record(cfg, {**self.resume_record, "first_step_time": time.time()})
             self.resume_record = None
+        self.last_h = h
         return h
 
-    def _skip_nonfinite(self) -> None:
+    def _skip_nonfinite(self, what: str) -> None:
         self.nonfinite += 1
-        msg = f"non-finite loss at step {self.step} ({self.nonfinite} in a row)"
+        self.skipped_steps += 1
+        msg = f"non-finite {what} at step {self.step} ({self.nonfinite} in a row)"
         if self.rank == 0:
             print(msg + ": step skipped", flush=True)
         if self.nonfinite >= self.cfg.train.max_nonfinite:
@@ -228,8 +257,9 @@ class WorkerRun:
     def metrics(self, h: torch.Tensor) -> dict[str, float]:
         """The window's figures (loss averaged over ranks), schedules, collapse monitors; resets the window."""
         c = self.cfg
-        metrics = {**self.window.metrics(), **self.sched, "tau": tau_at(self.step, self.total, c.ema),
-                   "epoch": self.epoch, "step": self.step, **collapse_stats(h)}
+        metrics = {"loss": float("nan"), "grad_norm": float("nan"), "mask_ratio": float("nan"),  # window all skipped
+                   **self.window.metrics(), **self.sched, "tau": tau_at(self.step, self.total, c.ema),
+                   "epoch": self.epoch, "step": self.step, "skipped_steps": self.skipped_steps, **collapse_stats(h)}
         metrics["loss"] = agree(metrics["loss"], "mean", self.device)
         self.window = Window()
         if c.train.min_erank > 0:  # collapse: any rank's target embeddings below the rank floor
@@ -257,30 +287,34 @@ class WorkerRun:
         metrics["probe_score"] = self.probe_last = score
 
     def log(self, metrics: dict) -> None:
-        """Rank 0: data ledger figures (and the skip threshold), the progress line, MLflow metrics."""
-        if self.rank != 0:
-            return
+        """Rank 0: data ledger figures, the progress line, MLflow metrics.  Every rank: stop (RunStopped)
+        when rank 0 finds the skip threshold exceeded."""
+        problem = self._log(metrics) if self.rank == 0 else None
+        if agree(float(problem is not None), "max", self.device) > 0:
+            raise RunStopped(problem or "stopped by rank 0 (too many skipped files)")
+
+    def _log(self, metrics: dict) -> str | None:
+        problem = None
         if self.ledger is not None:
             import ray
-            from service.data import DataSourceError, check_skips
+            from service.data import check_skips
             totals = ray.get(self.ledger.totals.remote())
             metrics.update({"data_files_seen": totals["files_seen"], "data_clips": totals["clips"],
                             "data_skipped": sum(totals["skipped"].values())})
             problem = check_skips(totals, self.cfg.data.max_skip_fraction)
-            if problem:
-                raise DataSourceError(problem)
         rate = (self.step - self.step_start) / max(time.time() - self.t_start, 1e-9)
         print(f"step {self.step}/{self.total} ({100 * self.step / self.total:.0f}%) loss {metrics['loss']:.4f} "
               f"lr {metrics['lr']:.2e} tau {metrics['tau']:.5f} gnorm {metrics['grad_norm']:.2f} "
               f"mask {metrics['mask_ratio']:.2f} clips/s {metrics['clips_per_s']:.1f} "
               f"wait {100 * metrics['data_wait_fraction']:.0f}% std {metrics['target_std']:.3f} "
-              f"erank {metrics['target_erank']:.1f} ETA {_fmt_eta((self.total - self.step) / max(rate, 1e-9))}",
-              flush=True)
+              f"erank {metrics['target_erank']:.1f} ETA {_fmt_eta((self.total - self.step) / max(rate, 1e-9))}"
+              + (f" skipped {self.skipped_steps}" if self.skipped_steps else ""), flush=True)
         if self.uri and self.run_id:
             tracking.log_metrics(self.uri, self.run_id, metrics, self.step)
         if self.collapsed:
             print(f"collapsed at step {self.step}: target effective rank {metrics['target_erank']:.2f} < "
                   f"train.min_erank={self.cfg.train.min_erank}; stopping", flush=True)
+        return problem
 
     def report(self, metrics: dict, with_ckpt: bool) -> None:
         """ray.train.report, with a checkpoint written by rank 0 when due."""
@@ -288,10 +322,15 @@ class WorkerRun:
         if not with_ckpt:
             ray.train.report(metrics)
             return
+        bad = ckpt.nonfinite_tensors(self.core, self.opt)
+        if agree(float(bool(bad)), "max", self.device) > 0:
+            raise RunStopped(f"step {self.step}: non-finite values in {', '.join(bad[:3]) or 'another rank'}; "
+                             "not checkpointed (the previous checkpoint stays the latest)")
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if self.rank == 0:
-                ckpt.save(tmp, self.cfg, self.core, self.opt, self.step, self.epoch, metrics=metrics)
+                ckpt.save(tmp, self.cfg, self.core, self.opt, self.step, self.epoch, metrics=metrics,
+                          skipped_steps=self.skipped_steps)
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{self.step:08d}")
 
@@ -303,30 +342,39 @@ class WorkerRun:
         ray.train.report({"step": self.step, "already_finished": 1})
 
 
-def train_loop_per_worker(loop_cfg: dict) -> None:
-    """Runs on every Ray Train worker."""
+def train_loop_per_worker(loop_cfg: dict) -> dict | None:
+    """Runs on every Ray Train worker; returns {"fatal_error": …} when the run stopped for a reason a
+    restart cannot fix (rank 0's return value reaches the driver as `Result.return_value`)."""
     import logging
     # Train logs every report ("Reporting training result … TrainingReport(…)") at INFO under a logger
     # named by its file path, which Train's own level setting misses; our progress line says it once
     logging.getLogger().setLevel(logging.WARNING)
-    run = WorkerRun(loop_cfg)
-    if run.step >= run.total:
-        run.finished_before()
-        return
-    while run.step < run.total:
-        h = run.train_step()
-        if h is None:
-            continue
-        do_log, do_probe, do_ckpt = run.due()
-        if not (do_log or do_ckpt):
-            continue
-        metrics = run.metrics(h)
-        if do_probe:
-            run.run_probe(metrics)
-        run.log(metrics)
-        run.report(metrics, with_ckpt=do_ckpt or run.collapsed)
-        if run.collapsed:
-            break
+    from service.data import DataSourceError
+    try:
+        run = WorkerRun(loop_cfg)
+        if run.step >= run.total:
+            run.finished_before()
+            return
+        while run.step < run.total:
+            h = run.train_step()
+            if h is None:
+                continue
+            do_log, do_probe, do_ckpt = run.due()
+            if not (do_log or do_ckpt):
+                continue
+            metrics = run.metrics(h)
+            if do_probe:
+                run.run_probe(metrics)
+            run.log(metrics)
+            run.report(metrics, with_ckpt=do_ckpt or run.collapsed)
+            if run.collapsed:
+                break
+    except (RunStopped, NonFiniteLoss, ckpt.CheckpointError, DataSourceError) as e:
+        # every rank raises these at the same step: end the run with the reason instead of a worker failure
+        # that Ray would retry `failure.max_failures` times to the same end
+        print(f"stopping: {type(e).__name__}: {e}", flush=True)
+        return {"fatal_error": f"{type(e).__name__}: {e}"}
+    return None
 
 
 def run_pretraining(cfg: Config, progress=print, parent_run_id: str | None = None, callbacks=None) -> dict:
@@ -346,11 +394,23 @@ def run_pretraining(cfg: Config, progress=print, parent_run_id: str | None = Non
     listing = list_source(cfg)
     progress(f"data: {len(listing.files)} audio files in {cfg.data.source} "
              f"({listing.ignored_by_extension} other files ignored, {len(listing.too_large)} too large)")
+    previous = _previous_config(cfg)
     if cfg.features.mean is None:
-        cfg = cfg.with_overrides(_normalisation_stats(cfg, listing, progress))
+        cfg = cfg.with_overrides(_normalisation_stats(cfg, previous, listing, progress))
+    changes = previous.shaping_changes(cfg) if previous is not None else {}
+    if changes and not cfg.resume.allow_config_change:
+        raise ConfigError(f"run '{cfg.run_name}' in {cfg.checkpoint.storage_path} has checkpoints trained with "
+                          "another config; it would resume old weights under new settings: "
+                          + "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
+                          + ". Resubmit with the run's config, use a new run_name, or set "
+                          "resume.allow_config_change=true (the change is then recorded on the MLflow run).")
     ledger = DataLedger.remote(len(listing.files) + len(listing.too_large), [f.uri for f in listing.too_large])
     dataset = build_dataset(cfg, listing, ledger)
     run_id = tracking.start_or_resume(cfg, parent_run_id=parent_run_id)
+    if changes:
+        progress("resuming with a changed config (resume.allow_config_change): "
+                 + "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items()))
+        tracking.record_config_change(cfg, run_id, changes)
     uri = tracking.tracking_uri(cfg)
     storage_path, storage_fs = ray_storage(cfg.checkpoint.storage_path, cfg.storage.s3_endpoint, cfg.storage.s3_region)
 
@@ -374,14 +434,17 @@ def run_pretraining(cfg: Config, progress=print, parent_run_id: str | None = Non
             raise result.error
     except Exception as e:  # noqa: BLE001 - reported in the summary and re-raised by the job
         status, error, result = "failed", e, None
+    fatal = (getattr(result, "return_value", None) or {}).get("fatal_error") if result is not None else None
     totals = ray.get(ledger.totals.remote())
     summary = {
         "status": status, "run_name": cfg.run_name, "mlflow_run_id": run_id,
         "final_step": None, "checkpoint": None, "metrics": {},
         "data": {"files": totals["files"], "clips": totals["clips"], "skipped": totals["skipped"],
                  "skipped_examples": totals["examples"]},
-        "error": None if error is None else f"{type(error).__name__}: {error}",
+        "error": fatal or (None if error is None else f"{type(error).__name__}: {error}"),
     }
+    if fatal:
+        status = summary["status"] = "failed"
     if result is not None and result.checkpoint is not None:
         path = result.checkpoint.path
         summary["checkpoint"] = uri_for(path, cfg.checkpoint.storage_path)
@@ -394,8 +457,6 @@ def run_pretraining(cfg: Config, progress=print, parent_run_id: str | None = Non
         problem = check_skips(totals, cfg.data.max_skip_fraction)
         if problem:
             summary.update(status="failed", error=problem)
-    if math.isnan(summary["metrics"].get("loss", 0.0)):
-        summary["status"] = "failed"
     skipped = ray.get(ledger.skipped_files.remote())
     if skipped:
         progress(skip_summary(totals))
@@ -409,16 +470,20 @@ def run_pretraining(cfg: Config, progress=print, parent_run_id: str | None = Non
     return summary
 
 
-def _normalisation_stats(cfg: Config, listing, progress) -> dict[str, float]:
-    """features.mean/std: the resumed run's own (from its latest checkpoint), else measured on the data."""
+def _previous_config(cfg: Config) -> Config | None:
+    """The config of the run's newest verified checkpoint (a resubmission), else None."""
     import yaml
-
-    from service.data import measure_stats
     found = ckpt.latest_checkpoint(cfg)
-    if found:
-        fc = yaml.safe_load(read_bytes(join(found, ckpt.CONFIG), cfg.storage.s3_endpoint))["features"]
-        if fc.get("mean") is not None:
-            return {"features.mean": fc["mean"], "features.std": fc["std"]}
+    if not found:
+        return None
+    return config_from_dict(yaml.safe_load(read_bytes(join(found, ckpt.CONFIG), cfg.storage.s3_endpoint)))
+
+
+def _normalisation_stats(cfg: Config, previous: Config | None, listing, progress) -> dict[str, float]:
+    """features.mean/std: the resumed run's own (from its latest checkpoint), else measured on the data."""
+    from service.data import measure_stats
+    if previous is not None and previous.features.mean is not None:
+        return {"features.mean": previous.features.mean, "features.std": previous.features.std}
     t0 = time.time()
     stats = measure_stats(cfg, listing)
     progress(f"features: log-mel mean {stats['features.mean']} std {stats['features.std']} measured on real frames "

@@ -175,3 +175,30 @@ def test_evaluate_registered_model_reports_baselines_and_logs_to_its_run(trained
     run = MlflowClient(mlflow_server).get_run(trained[1]["mlflow_run_id"])
     assert "eval.bands.jepa.linear.accuracy" in run.data.metrics
     assert "eval.bands.logmel.knn.macro_f1" in run.data.metrics
+
+
+def test_evaluate_after_promote_never_reuses_the_old_models_embeddings(trained, mlflow_server, tmp_path,
+                                                                        monkeypatch):
+    """The cache keys on the version the alias resolved to and the weights' sha256, not the URI string."""
+    from service.evaluate import evaluate
+    from service.registry import promote, register_run
+    from test_evaluate import make_task
+    cfg, summary = trained
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    task, cache = make_task(tmp_path / "bands", per_split=(6, 3, 3)), tmp_path / "cache"
+    run = lambda: evaluate(f"models:/{NAME}@current", [str(task)], cache_dir=str(cache),  # noqa: E731
+                           progress=lambda *_: None)
+    v1 = summary["registered_model"]["version"]
+    first = run()
+    assert first["resolved_model_uri"] == f"models:/{NAME}/{v1}"
+    cached = set(cache.glob("*.npy"))
+    assert run()["results"] == first["results"] and set(cache.glob("*.npy")) == cached  # same model: reused
+    older = str(Path(summary["checkpoint"]).parent / "checkpoint_00000010")  # other weights, same run
+    v2 = register_run(cfg, summary["mlflow_run_id"], older, alias="candidate")["version"]
+    promote(NAME, v2, "current", mlflow_server)
+    try:
+        second = run()
+        assert second["resolved_model_uri"] == f"models:/{NAME}/{v2}"
+        assert len(set(cache.glob("*.npy")) - cached) == 1  # the new version's embeddings, random/log-mel reused
+    finally:
+        promote(NAME, v1, "current", mlflow_server)

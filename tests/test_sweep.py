@@ -115,3 +115,57 @@ def test_trial_status_classification():
     rows = trial_rows([result(100), result(40), result(30, collapsed=1.0), result(10, error=RuntimeError("x")),
                        result(100, final_step=100, status="failed")], SweepConfig(), base)
     assert [r["status"] for r in rows] == ["finished", "early_stopped", "collapsed", "failed", "failed"]
+
+
+def test_sweep_state_goes_to_the_checkpoints_s3_storage(clean_corpus_dir, tmp_path, s3_server):
+    """Tune's experiment state lives beside the trials' checkpoints, on the configured endpoint (not AWS)."""
+    import boto3
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="sweeps")
+    task = make_task(tmp_path / "task", per_split=(6, 4, 2))
+    sweep = {"name": "s3state", "base_config": "tiny",
+             "set": {"model.width": 32, "model.depth": 1, "model.heads": 2, "model.pred_width": 32,
+                     "model.pred_depth": 1, "model.pred_heads": 2, "train.batch_size": 8, "train.steps": 2,
+                     "train.log_every": 1, "checkpoint.every_steps": 2, "optim.warmup_steps": 1},
+             "search": {"algorithm": "grid", "params": {"masking.ratio": {"grid": [0.7]}}},
+             "scheduler": {"type": "none"}}
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep))
+    env = {k: v for k, v in os.environ.items() if k not in ("AWS_ENDPOINT_URL", "MLFLOW_TRACKING_URI")}
+    out = subprocess.run([sys.executable, "-m", "jobs.sweep", "--config", str(tmp_path / "sweep.yaml"),
+                          "--set", f"data.source={clean_corpus_dir}", "--set", f"probe.task={task}",
+                          "--set", "checkpoint.storage_path=s3://sweeps/runs", "--set", f"storage.s3_endpoint={s3_server}",
+                          "--summary-json", str(tmp_path / "summary.json")],
+                         env={**env, "RAY_ADDRESS": ""}, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["storage"] == "s3://sweeps/runs/sweeps/s3state"
+    keys = [o["Key"] for o in boto3.client("s3", endpoint_url=s3_server).list_objects_v2(
+        Bucket="sweeps", Prefix="runs/sweeps/s3state/")["Contents"]]
+    assert any(k.endswith(".pkl") or "experiment_state" in k for k in keys), keys
+    assert [t["status"] for t in summary["trials"]] == ["finished"]
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_placement_group_clean_up_touches_only_its_own_job():
+    """Another job's placement group, created while our trial ran, survives our clean-up; ours does not."""
+    import ray
+    from ray.util import placement_group, placement_group_table
+
+    from service.sweep import _job_placement_groups, _release_placement_groups
+    before = set(_job_placement_groups())
+    code = ("import ray, sys, time\nfrom ray.util import placement_group\n"
+            f"ray.init(address={ray.get_runtime_context().gcs_address!r}, log_to_driver=False)\n"
+            "pg = placement_group([{'CPU': 0.01}]); ray.get(pg.ready())\n"
+            "print(pg.id.hex(), flush=True); time.sleep(600)\n")
+    other = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        other_id = other.stdout.readline().strip()
+        assert other_id, "the other job did not create its placement group"
+        ours = placement_group([{"CPU": 0.01}])
+        ray.get(ours.ready())
+        _release_placement_groups(before, exclusive=True, wait_s=0)
+        table = placement_group_table()
+        assert table[ours.id.hex()]["state"] == "REMOVED"
+        assert table[other_id]["state"] == "CREATED"
+    finally:
+        kill_tree(other.pid)
+        other.wait()

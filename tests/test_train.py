@@ -92,3 +92,68 @@ def test_incomplete_checkpoint_is_refused(tmp_path):
     (d / ckpt.MARKER).unlink()
     with pytest.raises(ckpt.CheckpointError, match="not a complete checkpoint"):
         ckpt.load_state(d)
+
+
+def resume_steps(storage: Path, name: str) -> list[int]:
+    return sorted(json.loads(p.read_text())["step"] for p in (storage / name / "resumes").glob("*.json"))
+
+
+def test_nan_gradients_are_skipped_and_a_damaged_checkpoint_falls_back(clean_corpus_dir, tmp_path):
+    over = {"train.steps": 4, "checkpoint.every_steps": 2, "checkpoint.keep": 3, "train.log_every": 1,
+            "failure.inject_nan_grad_at_step": 1}
+    summary = run_pretraining(cfg_for(clean_corpus_dir, tmp_path, "nan", **over))
+    assert summary["status"] == "succeeded", summary["error"]
+    assert summary["final_step"] == 4 and summary["metrics"]["skipped_steps"] == 1
+    state = ckpt.load_state(summary["checkpoint"])
+    model = AudioJEPA(load_config("tiny", SMALL))
+    ckpt.restore(state, model)
+    assert ckpt.nonfinite_tensors(model) == []  # the NaN step reached neither the weights nor the EMA target
+    assert state["skipped_steps"] == 1
+
+    # the newest checkpoint is damaged after the fact: the previous complete one is used, verified by sha256
+    newest = tmp_path / "nan" / "checkpoint_00000004" / ckpt.STATE
+    newest.write_bytes(newest.read_bytes()[:-64] + b"\0" * 64)  # same size, marker intact: only the hash tells
+    cfg = cfg_for(clean_corpus_dir, tmp_path, "nan", **over)
+    assert ckpt.latest_checkpoint(cfg).endswith("checkpoint_00000002")
+    again = run_pretraining(cfg)
+    assert again["status"] == "succeeded", again["error"]
+    assert again["final_step"] == 4 and resume_steps(tmp_path, "nan") == [2]
+    assert ckpt.load_state(again["checkpoint"])["step"] == 4  # rewritten, verifies
+
+
+def test_a_stop_no_restart_can_fix_fails_at_once(clean_corpus_dir, tmp_path):
+    over = {"train.steps": 6, "checkpoint.every_steps": 1, "train.max_nonfinite": 1, "failure.max_failures": 3,
+            "failure.inject_nan_grad_at_step": 2}
+    summary = run_pretraining(cfg_for(clean_corpus_dir, tmp_path, "stop", **over))
+    assert summary["status"] == "failed" and "non-finite gradient norm at step 2" in summary["error"]
+    assert not (tmp_path / "stop" / "resumes").exists()  # no worker-group restart was spent on it
+    assert [p.name for p in checkpoints(tmp_path, "stop")][-1] == "checkpoint_00000002"
+
+
+def test_nonfinite_state_is_never_checkpointed(tmp_path):
+    import torch
+    cfg = load_config("tiny", SMALL)
+    model = AudioJEPA(cfg)
+    with torch.no_grad():
+        next(model.target_encoder.parameters()).view(-1)[0] = float("inf")
+    with pytest.raises(ckpt.CheckpointError, match="non-finite values in target_encoder"):
+        ckpt.save(tmp_path / "c", cfg, model, build_optimizer(model, cfg.optim), 5, 0)
+    assert not (tmp_path / "c" / ckpt.MARKER).exists()
+
+
+def test_resubmitting_with_a_changed_config_is_refused_unless_allowed(clean_corpus_dir, tmp_path, mlflow_server):
+    from mlflow import MlflowClient
+
+    from service.config import ConfigError
+    over = {"train.steps": 2, "checkpoint.every_steps": 2}
+    assert run_pretraining(cfg_for(clean_corpus_dir, tmp_path, "cfg", **over))["status"] == "succeeded"
+    with pytest.raises(ConfigError) as e:
+        run_pretraining(cfg_for(clean_corpus_dir, tmp_path, "cfg", **over, **{"masking.ratio": 0.7,
+                                                                               "optim.lr": 0.002}))
+    assert "masking.ratio: [0.6, 0.8] -> 0.7" in str(e.value) and "optim.lr: 0.001 -> 0.002" in str(e.value)
+    assert "resume.allow_config_change" in str(e.value)
+    allowed = run_pretraining(cfg_for(clean_corpus_dir, tmp_path, "cfg", **over, **{
+        "masking.ratio": 0.7, "resume.allow_config_change": "true", "mlflow.tracking_uri": mlflow_server}))
+    assert allowed["status"] == "succeeded", allowed["error"]
+    tags = MlflowClient(mlflow_server).get_run(allowed["mlflow_run_id"]).data.tags
+    assert json.loads(tags["audio_jepa.config_change.1"]) == {"masking.ratio": [[0.6, 0.8], 0.7]}
