@@ -125,7 +125,8 @@ def test_sweep_state_goes_to_the_checkpoints_s3_storage(clean_corpus_dir, tmp_pa
     sweep = {"name": "s3state", "base_config": "tiny",
              "set": {"model.width": 32, "model.depth": 1, "model.heads": 2, "model.pred_width": 32,
                      "model.pred_depth": 1, "model.pred_heads": 2, "train.batch_size": 8, "train.steps": 2,
-                     "train.log_every": 1, "checkpoint.every_steps": 2, "optim.warmup_steps": 1},
+                     "train.log_every": 1, "checkpoint.every_steps": 2, "optim.warmup_steps": 1,
+                     "probe.every_steps": 2},
              "search": {"algorithm": "grid", "params": {"masking.ratio": {"grid": [0.7]}}},
              "scheduler": {"type": "none"}}
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep))
