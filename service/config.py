@@ -137,6 +137,7 @@ class MaskingConfig:
     context_scale: list[float] = field(default_factory=lambda: [0.85, 1.0]) # multiblock: context kept
     stripe_width: list[int] = field(default_factory=lambda: [1, 3])          # time/freq: patches per stripe
     min_keep: int = 4                        # never fewer context patches than this
+    per_clip: int = 1                        # masks drawn per clip, sharing one target-encoder pass (EAT)
 
     def ratio_range(self) -> tuple[float, float]:
         r = self.ratio
@@ -154,6 +155,7 @@ class MaskingConfig:
             v = getattr(self, key)
             _check(len(v) == 2 and 0 < v[0] <= v[1], f"masking.{key}", v, "[low, high] with 0 < low <= high")
         _check(self.context_scale[1] <= 1, "masking.context_scale", self.context_scale, "<= 1")
+        _check(self.per_clip >= 1, "masking.per_clip", self.per_clip, ">= 1")
 
 
 @dataclass
@@ -189,11 +191,14 @@ class EmaConfig:
 class LossConfig:
     kind: str = "l2"                # l2 (the seed) | smooth_l1 (I-JEPA) | cosine (Audio-JEPA: 2 - 2 cos)
     target_norm: str = "layernorm"  # none | layernorm (per-token standardised, no affine: I-JEPA, Audio-JEPA)
+    #                                 | instancenorm (each block's output standardised over the clip's tokens, data2vec)
+    target_layers: int = 1          # targets average the last N target-encoder blocks (data2vec: 8 of 12)
 
     def validate(self) -> None:
         _check(self.kind in ("l2", "smooth_l1", "cosine"), "loss.kind", self.kind, "l2, smooth_l1 or cosine")
-        _check(self.target_norm in ("none", "layernorm"), "loss.target_norm",
-               self.target_norm, "none or layernorm")
+        _check(self.target_norm in ("none", "layernorm", "instancenorm"), "loss.target_norm",
+               self.target_norm, "none, layernorm or instancenorm")
+        _check(self.target_layers >= 1, "loss.target_layers", self.target_layers, ">= 1 (and at most model.depth)")
 
 
 @dataclass

@@ -97,6 +97,11 @@ class Encoder(nn.Module):
 
     def forward(self, patches: torch.Tensor, keep: torch.Tensor | None = None, layers: int = 1) -> torch.Tensor:
         """Tokens after the final norm; `layers` > 1 averages the normed outputs of the last `layers` blocks."""
+        out = [self.norm(x) for x in self.block_outputs(patches, keep, layers)]
+        return out[0] if len(out) == 1 else torch.stack(out).mean(0)
+
+    def block_outputs(self, patches: torch.Tensor, keep: torch.Tensor | None = None, layers: int = 1) -> list:
+        """The residual stream after each of the last `layers` blocks (before the final norm)."""
         x = self.patch_embed(patches)
         pos = self.pos.unsqueeze(0).expand(x.shape[0], -1, -1)
         if keep is not None:
@@ -106,8 +111,8 @@ class Encoder(nn.Module):
         for i, blk in enumerate(self.blocks):
             x = blk(x)
             if i >= len(self.blocks) - layers:
-                out.append(self.norm(x))
-        return out[0] if len(out) == 1 else torch.stack(out).mean(0)
+                out.append(x)
+        return out
 
 
 class Predictor(nn.Module):
@@ -159,15 +164,31 @@ class AudioJEPA(nn.Module):
         self.target_encoder = copy.deepcopy(self.encoder)
         self.target_encoder.requires_grad_(False)
 
+    @torch.no_grad()
+    def targets(self, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(regression targets [B, N, D], target-encoder tokens after its final norm, for collapse monitors)."""
+        c, enc = self.loss_cfg, self.target_encoder
+        outs = enc.block_outputs(patches, layers=min(c.target_layers, len(enc.blocks)))
+        h = enc.norm(outs[-1])
+        if c.target_norm == "instancenorm":  # per clip and channel over tokens, per block, then averaged
+            t = torch.stack([F.instance_norm(o.float().transpose(1, 2)).transpose(1, 2) for o in outs]).mean(0)
+        else:
+            t = torch.stack([enc.norm(o) for o in outs]).mean(0) if len(outs) > 1 else h
+            t = F.layer_norm(t, t.shape[-1:]) if c.target_norm == "layernorm" else t
+        return t, h
+
     def forward(self, patches: torch.Tensor, ctx: torch.Tensor, tgt: torch.Tensor):
-        """Returns (loss, target-encoder tokens [B, N, D] before target norm, for collapse monitors)."""
-        with torch.no_grad():
-            h = self.target_encoder(patches)
-            t = F.layer_norm(h, h.shape[-1:]) if self.loss_cfg.target_norm == "layernorm" else h
-            t = gather_tokens(t, tgt)
+        """Returns (loss, target-encoder tokens [B, N, D], for collapse monitors).
+
+        `ctx`/`tgt` may hold k masks per clip ([k*B, …], clip-major): the target encoder runs once per clip
+        and the context encoder + predictor once per mask (EAT's multi-mask)."""
+        t, h = self.targets(patches)
+        k = ctx.shape[0] // patches.shape[0]
+        if k > 1:
+            patches, t = patches.repeat_interleave(k, 0), t.repeat_interleave(k, 0)
         z = self.encoder(patches, ctx)
         pred = self.predictor(z, ctx, tgt)
-        return jepa_loss(pred, t, self.loss_cfg), h.detach()
+        return jepa_loss(pred, gather_tokens(t, tgt), self.loss_cfg), h.detach()
 
     @torch.no_grad()
     def ema_update(self, tau: float) -> None:

@@ -205,7 +205,7 @@ class WorkerRun:
         with torch.no_grad():
             spec = self.frontend(x) if self.frontend is not None else x
             patches = patchify(spec, cfg.features.patch_freq, cfg.features.patch_time)
-        m = self.masks(self.per_worker, np.random.default_rng([cfg.seed, self.step, self.rank]))
+        m = self.masks(self.per_worker * cfg.masking.per_clip, np.random.default_rng([cfg.seed, self.step, self.rank]))
         ctx, tgt = m.context.to(self.device), m.target.to(self.device)
         self.sched = apply_schedules(self.opt, self.step, cfg)
         with self.autocast:
@@ -215,7 +215,7 @@ class WorkerRun:
             self._skip_nonfinite("loss")
             return self.last_h
         loss.backward()
-        if self.step == cfg.failure.inject_nan_grad_at_step and self.rank == 0:
+        if 0 < cfg.failure.inject_nan_grad_at_step == self.step and self.rank == 0:
             print(f"[fault injection] NaN gradients on rank 0 at step {self.step}", flush=True)
             self.trainable[0].grad.fill_(float("nan"))
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
@@ -229,7 +229,7 @@ class WorkerRun:
         self.step += 1
         self.core.ema_update(tau_at(self.step, self.total, cfg.ema))
         self.window.add(self.per_worker * self.world, loss=loss.item(), grad_norm=float(gnorm), mask_ratio=m.ratio,
-                        target_silence_fraction=constant_fraction(patches, tgt))
+                        target_silence_fraction=constant_fraction(patches.repeat_interleave(cfg.masking.per_clip, 0), tgt))
         if self.resume_record is not None:  # written after the first step: it also times the recovery
             _write_resume_record(cfg, {**self.resume_record, "first_step_time": time.time()})
             self.resume_record = None

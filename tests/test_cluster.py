@@ -1,15 +1,22 @@
-"""The embedded local cluster: up/down leaves nothing behind, token auth on job submission, and an
-end-to-end `ray job submit` pretraining that registers a model `load_encoder` can load."""
+"""The embedded local cluster (started once for this module): it listens on 127.0.0.1 only and refuses anonymous
+clients, jobs' metadata carries no secret while their workers still get the credentials, an end-to-end
+`ray job submit` pretraining registers a model `load_encoder` can load, and `down` leaves nothing behind."""
+import base64
+import hashlib
 import json
 import os
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 
+from cluster.local import S3_SECRET
+from cluster.procs import descendants
 from conftest import upload_dir
+from test_security import http_status, listeners_of, loopback
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,57 +75,137 @@ def tree(pids):
     return out
 
 
-def test_cluster_up_submit_e2e_and_down(tmp_path, clean_corpus_dir):
-    state = tmp_path / "cluster"
-    r = local(state, "up", "--num-cpus", "4")
-    assert "up" in r.stdout, r.stdout + r.stderr
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """(state dir, env file contents, process groups `up` recorded); `down` at the end in any case."""
+    state = tmp_path_factory.mktemp("local") / "cluster"
+    r = local(state, "up", "--num-cpus", "4", check=False)
+    assert r.returncode == 0 and "up" in r.stdout, r.stdout + r.stderr
+    pgids = {s["pid"] for s in json.loads((state / "pids.json").read_text())["services"].values()}
     try:
-        env = read_env(state)
-        pgids = set(json.loads((state / "pids.json").read_text()).values())
-        assert oct((state / "ray_token").stat().st_mode & 0o777) == "0o600"
-        assert local(state, "up").stdout.strip().startswith("local cluster already up")  # idempotent
-        for url in (env["RAY_ADDRESS"], env["MLFLOW_TRACKING_URI"], env["AWS_ENDPOINT_URL"]):
-            assert "127.0.0.1" in url
-        base = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "PYTHONUNBUFFERED": "1"}
-        job = ["python", "-c", "print('hello from a job')"]
-        # without the token: refused
-        no_token = {k: v for k, v in base.items() if not k.startswith("RAY_AUTH")}
-        refused = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", env["RAY_ADDRESS"], "--", *job],
-                                 env=no_token, capture_output=True, text=True, timeout=120)
-        assert refused.returncode != 0
-        assert "auth" in (refused.stdout + refused.stderr).lower()
-        # with it: the tiny pretraining end to end, data in the cluster's S3, model in its MLflow
-        full = {**base, **env}
-        src = upload_dir(env["AWS_ENDPOINT_URL"], clean_corpus_dir, "e2e", "corpus")
-        summary = tmp_path / "pretrain.json"
-        sets = ["model.width=64", "model.depth=2", "model.heads=2", "model.pred_width=32", "model.pred_depth=1",
-                "model.pred_heads=2", "train.batch_size=8", "train.steps=10", "train.log_every=5",
-                "checkpoint.every_steps=10", f"data.source={src}", "checkpoint.storage_path=s3://e2e/runs",
-                "mlflow.registered_model=e2e-model", "run_name=e2e"]
-        cmd = [str(BIN / "ray"), "job", "submit", "--address", env["RAY_ADDRESS"], "--submission-id", "e2e-1", "--",
-               "python", "-m", "jobs.pretrain", "--config", "tiny", *[a for s in sets for a in ("--set", s)],
-               "--summary-json", str(summary)]
-        out = subprocess.run(cmd, env=full, capture_output=True, text=True, timeout=600, cwd=ROOT)
-        assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
-        assert "Job 'e2e-1' succeeded" in out.stdout + out.stderr
-        # the user's terminal: each progress line once, no per-report framework dump
-        logs = out.stdout + out.stderr
-        assert sum("step 5/10 (50%)" in line for line in logs.splitlines()) == 1, logs[-4000:]
-        assert "Reporting training result" not in logs and "TrainingReport(" not in logs
-        s = json.loads(summary.read_text())
-        assert s["status"] == "succeeded" and s["final_step"] == 10 and s["checkpoint"].startswith("s3://e2e/runs/")
-        assert s["registered_model"]["name"] == "e2e-model"
-        code = ("from service.registry import load_encoder; import torch; "
-                "e = load_encoder('models:/e2e-model@current', 'cpu'); "
-                "print(e.embed(torch.zeros(1, 16000)).shape[1] == e.embedding_dim == 2 * 64 * e.cfg.features.grid[0])")
-        loaded = subprocess.run([sys.executable, "-c", code], env=full, capture_output=True, text=True, timeout=300)
-        assert loaded.returncode == 0 and "True" in loaded.stdout, loaded.stderr[-2000:]
-        ports = [int(u.rsplit(":", 1)[1]) for u in (env["RAY_ADDRESS"], env["MLFLOW_TRACKING_URI"],
-                                                     env["AWS_ENDPOINT_URL"])] + [int(env["RAY_GCS_ADDRESS"].rsplit(":", 1)[1])]
-        ours = tree(pgids)
-        assert ours
+        yield state, read_env(state), pgids
     finally:
         local(state, "down", check=False)
+
+
+def submit_env(env: dict) -> dict:
+    return {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "PYTHONUNBUFFERED": "1", **env}
+
+
+def test_cluster_listens_on_loopback_only_and_refuses_anonymous_clients(cluster):
+    state, env, pgids = cluster
+    ours = tree(pgids)
+    ours.update(descendants(list(ours)))
+    socks = listeners_of(ours)
+    ports = {port for _, _, port in socks}
+    for url in (env["RAY_ADDRESS"], env["MLFLOW_TRACKING_URI"], env["AWS_ENDPOINT_URL"], env["RAY_GCS_ADDRESS"]):
+        assert int(url.rsplit(":", 1)[1]) in ports, f"{url} is not served by the cluster's processes"
+    assert all(loopback(addr) for _, addr, _ in socks), f"listening beyond 127.0.0.1: {socks}"
+    assert http_status(env["RAY_ADDRESS"] + "/api/jobs/") in (401, 403), "Ray's job API answered without a token"
+    token = Path(env["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
+    assert http_status(env["RAY_ADDRESS"] + "/api/jobs/", {"Authorization": f"Bearer {token}"}) == 200
+    if env.get("MLFLOW_TRACKING_PASSWORD"):  # MLflow's auth extra installed: basic auth on
+        search = env["MLFLOW_TRACKING_URI"] + "/api/2.0/mlflow/experiments/search?max_results=1"
+        assert http_status(search) == 401, "MLflow answered without a login"
+        login = base64.b64encode(f"{env['MLFLOW_TRACKING_USERNAME']}:{env['MLFLOW_TRACKING_PASSWORD']}".encode())
+        assert http_status(search, {"Authorization": f"Basic {login.decode()}"}) == 200
+    for name in ("ray_token", "env", *(["mlflow_password"] if env.get("MLFLOW_TRACKING_PASSWORD") else [])):
+        assert oct((state / name).stat().st_mode & 0o777) == "0o600", name
+
+
+SECRET_PROBE = """
+import hashlib, json, os
+from jobs.common import init_ray
+init_ray()
+import ray
+
+@ray.remote
+def probe():  # digests only: a secret printed here would end up in the job's logs
+    return {k: hashlib.sha256(os.environ.get(k, "").encode()).hexdigest()
+            for k in ("AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_PASSWORD")}
+
+print("PROBE", json.dumps(ray.get(probe.remote())), flush=True)
+"""
+
+
+def test_jobs_metadata_carries_no_secrets_and_workers_get_them_from_the_cluster(cluster):
+    state, env, _ = cluster
+    mine = {"AWS_SESSION_TOKEN": "submitter-session-c0ffee", "MLFLOW_TRACKING_TOKEN": "submitter-token-c0ffee"}
+    full = {**submit_env(env), **mine}
+    out = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", env["RAY_ADDRESS"], "--submission-id",
+                          "secrets-1", "--", "python", "-c", SECRET_PROBE], env=full, capture_output=True, text=True,
+                         timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    digests = json.loads(out.stdout.split("PROBE ", 1)[1].splitlines()[0])
+    assert digests["AWS_SECRET_ACCESS_KEY"] == hashlib.sha256(S3_SECRET.encode()).hexdigest()
+    assert digests["MLFLOW_TRACKING_PASSWORD"] == hashlib.sha256(env.get("MLFLOW_TRACKING_PASSWORD", "").encode()
+                                                                 ).hexdigest()
+    listed = subprocess.run([str(BIN / "ray"), "list", "jobs", "--detail", "--format", "json", "--address",
+                             env["RAY_GCS_ADDRESS"]], env=full, capture_output=True, text=True, timeout=300)
+    assert listed.returncode == 0 and "secrets-1" in listed.stdout, listed.stderr[-2000:]
+    token = Path(env["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
+    request = urllib.request.Request(env["RAY_ADDRESS"] + "/api/jobs/", headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, timeout=60) as r:  # what JobSubmissionClient.list_jobs reads
+        info = r.read().decode()
+    assert "secrets-1" in info
+    secrets = [S3_SECRET, *mine.values(), *([env["MLFLOW_TRACKING_PASSWORD"]] if env.get("MLFLOW_TRACKING_PASSWORD")
+                                             else [])]
+    for where, text in (("ray list jobs --detail", listed.stdout), ("the job API's /api/jobs/", info)):
+        leaked = [s[:6] + "…" for s in secrets if s in text]
+        assert not leaked, f"secrets in the jobs' metadata ({where}): {leaked}"
+
+
+def test_cluster_up_submit_e2e(cluster, tmp_path, clean_corpus_dir):
+    state, env, _ = cluster
+    assert oct((state / "ray_token").stat().st_mode & 0o777) == "0o600"
+    assert local(state, "up").stdout.strip().startswith("local cluster already up")  # idempotent
+    for url in (env["RAY_ADDRESS"], env["MLFLOW_TRACKING_URI"], env["AWS_ENDPOINT_URL"]):
+        assert "127.0.0.1" in url
+    base = submit_env({})
+    job = ["python", "-c", "print('hello from a job')"]
+    # without the token: refused
+    no_token = {k: v for k, v in base.items() if not k.startswith("RAY_AUTH")}
+    refused = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", env["RAY_ADDRESS"], "--", *job],
+                             env=no_token, capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0
+    assert "auth" in (refused.stdout + refused.stderr).lower()
+    # with it: the tiny pretraining end to end, data in the cluster's S3, model in its MLflow
+    full = {**base, **env}
+    src = upload_dir(env["AWS_ENDPOINT_URL"], clean_corpus_dir, "e2e", "corpus")
+    summary = tmp_path / "pretrain.json"
+    sets = ["model.width=64", "model.depth=2", "model.heads=2", "model.pred_width=32", "model.pred_depth=1",
+            "model.pred_heads=2", "train.batch_size=8", "train.steps=10", "train.log_every=5",
+            "checkpoint.every_steps=10", f"data.source={src}", "checkpoint.storage_path=s3://e2e/runs",
+            "mlflow.registered_model=e2e-model", "run_name=e2e"]
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", env["RAY_ADDRESS"], "--submission-id", "e2e-1", "--",
+           "python", "-m", "jobs.pretrain", "--config", "tiny", *[a for s in sets for a in ("--set", s)],
+           "--summary-json", str(summary)]
+    out = subprocess.run(cmd, env=full, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+    assert "Job 'e2e-1' succeeded" in out.stdout + out.stderr
+    # the user's terminal: each progress line once, no per-report framework dump
+    logs = out.stdout + out.stderr
+    assert sum("step 5/10 (50%)" in line for line in logs.splitlines()) == 1, logs[-4000:]
+    assert "Reporting training result" not in logs and "TrainingReport(" not in logs
+    s = json.loads(summary.read_text())
+    assert s["status"] == "succeeded" and s["final_step"] == 10 and s["checkpoint"].startswith("s3://e2e/runs/")
+    assert s["registered_model"]["name"] == "e2e-model"
+    code = ("from service.registry import load_encoder; import torch; "
+            "e = load_encoder('models:/e2e-model@current', 'cpu'); "
+            "print(e.embed(torch.zeros(1, 16000)).shape[1] == e.embedding_dim == 2 * 64 * e.cfg.features.grid[0])")
+    loaded = subprocess.run([sys.executable, "-c", code], env=full, capture_output=True, text=True, timeout=300)
+    assert loaded.returncode == 0 and "True" in loaded.stdout, loaded.stderr[-2000:]
+
+
+def test_down_leaves_nothing_behind(cluster):
+    """Last in the module: stops the shared cluster."""
+    state, env, pgids = cluster
+    ports = [int(u.rsplit(":", 1)[1]) for u in (env["RAY_ADDRESS"], env["MLFLOW_TRACKING_URI"],
+                                                 env["AWS_ENDPOINT_URL"], env["RAY_GCS_ADDRESS"])]
+    ours = tree(pgids)
+    ours.update(descendants(list(ours)))
+    assert ours
+    local(state, "down", check=False)
     time.sleep(1)
     assert not [p for p in ours if alive(p)], "processes of the local cluster survived `down`"
     assert not tree(pgids)

@@ -1,5 +1,6 @@
 """The JEPA core: config, front end, masks, model, loss, EMA and schedules."""
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -227,6 +228,36 @@ def test_silent_input_gives_finite_loss():
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(h).all()
     assert all(torch.isfinite(q.grad).all() for q in model.parameters() if q.grad is not None)
+
+
+def test_several_masks_per_clip_share_one_target_pass():
+    """k masks per clip: the loss is the mean of the k single-mask losses, with the target encoder run once."""
+    torch.manual_seed(0)
+    cfg = small_cfg(**{"masking.per_clip": 3})
+    model = AudioJEPA(cfg)
+    p = batch(cfg, b=2)
+    m = MaskGenerator(cfg.masking, cfg.features.grid)(2 * 3, np.random.default_rng(0))  # clip-major rows
+    calls = []
+    model.target_encoder.register_forward_pre_hook(lambda *_: calls.append(1))
+    real = model.target_encoder.block_outputs
+    model.target_encoder.block_outputs = lambda *a, **k: calls.append(1) or real(*a, **k)
+    loss, _ = model(p, m.context, m.target)
+    assert len(calls) == 1
+    singles = [model(p, m.context[j::3], m.target[j::3])[0] for j in range(3)]
+    assert torch.allclose(loss, torch.stack(singles).mean(), atol=1e-6)
+
+
+def test_instance_normed_multi_layer_targets():
+    """data2vec targets: each of the last N blocks standardised per clip and channel over tokens, averaged."""
+    torch.manual_seed(0)
+    cfg = small_cfg(**{"loss.target_norm": "instancenorm", "loss.target_layers": 1})
+    model = AudioJEPA(cfg)
+    t, h = model.targets(batch(cfg, b=3))
+    assert torch.allclose(t.mean(1), torch.zeros_like(t.mean(1)), atol=1e-4)
+    assert torch.allclose(t.var(1, unbiased=False), torch.ones_like(t.mean(1)), atol=1e-2)
+    model.loss_cfg = dataclasses.replace(model.loss_cfg, target_layers=2)
+    t2, h2 = model.targets(batch(cfg, b=3))
+    assert torch.equal(h, h2) and not torch.allclose(t, t2)  # another target, the same monitored tokens
 
 
 def test_encoder_handles_other_grids():

@@ -40,6 +40,7 @@ def test_fault_injection_resumes_exactly_and_resubmission_continues(clean_corpus
                 "target_std", "target_erank"):
         assert key in m, key
     assert m["tau"] == pytest.approx(cfg.ema.tau_end)  # tau reaches its end value at the last step
+    assert m["skipped_steps"] == 0  # no rehearsal knob set: no step skipped
     assert m["target_silence_fraction"] == 0.0  # short files are looped, never zero-padded
     assert ckpt.config_of(state).features.mean is not None  # the measured normalisation is in the checkpoint
     assert summary["data"]["files"] == 6 and summary["data"]["skipped"] == {}
