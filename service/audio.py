@@ -17,8 +17,8 @@ import torchaudio
 MIN_RATE, MAX_RATE = 1000, 384_000
 SILENCE_PEAK = 1e-4  # -80 dBFS: a file that never exceeds this is "silent"
 
-SKIP_REASONS = ("empty", "too_large", "undecodable", "bad_sample_rate", "too_many_channels",
-                "too_short", "non_finite", "silent", "read_error")
+SKIP_REASONS = ("empty", "too_large", "too_long", "undecodable", "bad_sample_rate", "too_many_channels",
+                "too_short", "non_finite", "silent", "missing", "read_error")
 
 
 class Skip(Exception):
@@ -34,10 +34,12 @@ def _resampler(orig: int, new: int) -> torchaudio.transforms.Resample:
 
 
 def decode(data: bytes, sample_rate: int, max_channels: int = 16, min_seconds: float = 0.25,
-           trim: bool = False) -> np.ndarray:
+           trim: bool = False, max_decoded_mb: float = 1024.0) -> np.ndarray:
     """Bytes of any soundfile-supported format -> mono float32 at `sample_rate`, validated.
 
     `trim` drops leading/trailing digital silence (training data: silence is not a thing to predict).
+    A file whose header promises more than `max_decoded_mb` of float32 samples is skipped before
+    anything is decoded (compressed audio can be tiny on disk and hours long).
     """
     if not data:
         raise Skip("empty")
@@ -48,6 +50,9 @@ def decode(data: bytes, sample_rate: int, max_channels: int = 16, min_seconds: f
                 raise Skip("bad_sample_rate", f"{sr} Hz")
             if not 1 <= ch <= max_channels:
                 raise Skip("too_many_channels", f"{ch} channels")
+            if frames * ch * 4 > max_decoded_mb * 2 ** 20:
+                raise Skip("too_long", f"{frames / sr:.0f} s x {ch} ch = {frames * ch * 4 / 2 ** 20:.0f} MB decoded "
+                                       f"> data.max_decoded_mb={max_decoded_mb:g}")
             wav = f.read(dtype="float32", always_2d=True)
     except Skip:
         raise

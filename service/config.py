@@ -93,6 +93,10 @@ class DataConfig:
     short_audio: str = "loop"       # audio shorter than a clip: loop (repeat it) | pad (zeros: learnable "silence")
     trim_silence: bool = True       # drop leading/trailing digital silence before cropping
     stats_files: int = 256          # files sampled to measure features.mean/std when they are null
+    max_decoded_mb: float = 1024.0  # decoded size (frames x channels x 4 bytes) above which a file is skipped
+    #                                 (too_long) from its header, before decoding: a tiny FLAC can hold hours
+    max_read_error_fraction: float = 0.01  # fail when more files than this cannot be read after retries
+    allow_outside_paths: bool = False  # manifests: paths outside the manifest's bucket/directory are refused
 
     def validate(self) -> None:
         _check(self.features_in in ("pipeline", "trainer"), "data.features_in", self.features_in,
@@ -101,6 +105,9 @@ class DataConfig:
         _check(0 <= self.max_skip_fraction <= 1, "data.max_skip_fraction", self.max_skip_fraction, "in [0, 1]")
         _check(self.concurrency >= 0, "data.concurrency", self.concurrency, ">= 0")
         _check(self.short_audio in ("loop", "pad"), "data.short_audio", self.short_audio, "loop or pad")
+        _check(self.max_decoded_mb > 0, "data.max_decoded_mb", self.max_decoded_mb, "> 0")
+        _check(0 <= self.max_read_error_fraction <= 1, "data.max_read_error_fraction", self.max_read_error_fraction,
+               "in [0, 1]")
 
 
 @dataclass

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import posixpath
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -60,24 +61,67 @@ def list_source(run: Config) -> Listing:
     return Listing(src, files, ignored, too_large)
 
 
+def _manifest_uri(p, row: int, base: str, cfg: DataConfig) -> str:
+    """One manifest row's path as a URI, refused (naming the row) when it is not a string, leaves the
+    manifest's bucket/directory (unless data.allow_outside_paths) or points into /dev, /proc, /sys."""
+    where = f"manifest {cfg.source} row {row}"
+    if not isinstance(p, str) or not p.strip():
+        raise DataSourceError(f"{where}: path {p!r} is not a non-empty string")
+    if p.startswith("s3://"):
+        uri = "s3://" + posixpath.normpath(p[len("s3://"):])
+    elif "://" in p:
+        raise DataSourceError(f"{where}: path {p!r} has an unsupported scheme (s3:// or a file path)")
+    else:
+        if base.startswith("s3://") and not p.startswith("/"):
+            uri = "s3://" + posixpath.normpath(join(base, p)[len("s3://"):])
+        else:  # symlinks resolved: a link cannot lead out of the root or to a device
+            uri = os.path.realpath(p if p.startswith("/") else join(base, p))
+    if not uri.startswith("s3://") and uri.split("/")[1:2] in (["dev"], ["proc"], ["sys"]):
+        raise DataSourceError(f"{where}: path {p!r} is a device or kernel file ({uri})")
+    if not cfg.allow_outside_paths:
+        root = base.rstrip("/") + "/"
+        if base.startswith("s3://"):  # the manifest's bucket
+            root = "s3://" + base[len("s3://"):].split("/", 1)[0] + "/"
+        if not uri.startswith(root):
+            raise DataSourceError(f"{where}: path {p!r} resolves to {uri}, outside {root} "
+                                  "(set data.allow_outside_paths=true to allow it)")
+    return uri
+
+
 def _list_manifest(cfg: DataConfig, st: StorageConfig) -> list[FileEntry]:
+    """Rows of a .csv/.parquet manifest (any case), validated, duplicates dropped, sizes looked up in parallel;
+    only regular files are kept (a row naming a directory or a missing object is an error naming it)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import pyarrow.csv as pacsv
+    import pyarrow.fs as pafs
     import pyarrow.parquet as pq
 
     fs, path = resolve(cfg.source, st.s3_endpoint, st.s3_region)
     with fs.open_input_file(path) as f:
-        table = pq.read_table(f) if path.endswith(".parquet") else pacsv.read_csv(f)
+        table = pq.read_table(f) if path.lower().endswith(".parquet") else pacsv.read_csv(f)
     col = next((c for c in ("path", "uri") if c in table.column_names), None)
     if col is None:
         raise DataSourceError(f"manifest {cfg.source}: needs a 'path' or 'uri' column, has {table.column_names}")
-    base = cfg.source.rsplit("/", 1)[0] if "/" in cfg.source else "."
-    out = []
-    for p in table.column(col).to_pylist():
-        uri = p if (p.startswith("s3://") or os.path.isabs(p)) else join(base, p)
+    base = cfg.source.rsplit("/", 1)[0] if "/" in cfg.source else os.getcwd()
+    base = base if base.startswith("s3://") else os.path.realpath(base)
+    rows: dict[str, tuple[int, str]] = {}  # uri -> (row, as written); the first of duplicates wins
+    for row, p in enumerate(table.column(col).to_pylist(), start=2 if not path.lower().endswith(".parquet") else 0):
+        rows.setdefault(_manifest_uri(p, row, base, cfg), (row, p))
+
+    def info(uri: str):
         fs_i, path_i = resolve(uri, st.s3_endpoint, st.s3_region)
-        info = fs_i.get_file_info(path_i)
-        size = info.size if info.size is not None else 0
-        out.append(FileEntry(uri, p, size))
+        return fs_i.get_file_info(path_i)
+
+    uris = list(rows)
+    with ThreadPoolExecutor(32) as pool:  # HEAD requests: one per object, many at once
+        infos = list(pool.map(info, uris))
+    out = []
+    for uri, i in zip(uris, infos):
+        row, p = rows[uri]
+        if i.type not in (pafs.FileType.File, pafs.FileType.NotFound):  # missing: skipped (and counted) on read
+            raise DataSourceError(f"manifest {cfg.source} row {row}: {p!r} is not a regular file ({uri})")
+        out.append(FileEntry(uri, p, i.size or 0))
     return sorted(out, key=lambda e: e.key)
 
 
@@ -94,21 +138,27 @@ def passes_needed(cfg: Config, n_files: int) -> int:
 
 @ray.remote(num_cpus=0)
 class DataLedger:
-    """Counts files, clips and skips (by reason, with example keys) across all pipeline tasks."""
+    """Counts files, clips and skips across all pipeline tasks.  Skips count distinct files (a bad file
+    visited on every pass is one bad file), by reason, with example keys."""
 
     def __init__(self, listed: int, too_large: list[str]):
         self.listed = listed
-        self.seen = len(too_large)
+        self.seen_keys: set[str] = set(too_large)
         self.clips = 0
         self.skipped: dict[str, int] = {"too_large": len(too_large)} if too_large else {}
         self.bad: dict[str, tuple[str, str]] = {k: ("too_large", "") for k in too_large}  # key -> (reason, detail)
 
-    def record(self, seen: int, clips: int, skipped: list[tuple[str, str, str]]) -> None:
-        self.seen += seen
+    @property
+    def seen(self) -> int:
+        return len(self.seen_keys)
+
+    def record(self, keys: list[str], clips: int, skipped: list[tuple[str, str, str]]) -> None:
+        self.seen_keys.update(keys)
         self.clips += clips
         for reason, key, detail in skipped:
-            self.skipped[reason] = self.skipped.get(reason, 0) + 1
-            self.bad[key] = (reason, detail)
+            if key not in self.bad:
+                self.skipped[reason] = self.skipped.get(reason, 0) + 1
+                self.bad[key] = (reason, detail)
 
     def skipped_files(self) -> list[tuple[str, str, str]]:
         """Every distinct skipped file once: (key, reason, detail), sorted by key."""
@@ -123,10 +173,16 @@ class DataLedger:
                 "skipped": dict(self.skipped), "examples": examples}
 
 
-def check_skips(totals: dict, max_fraction: float, min_seen: int = 20) -> str | None:
-    """A message when too much of the source is bad, else None."""
+def check_skips(totals: dict, data: DataConfig, min_seen: int = 20) -> str | None:
+    """A message when too much of the source is bad (or unreadable: storage, not audio), else None."""
+    max_fraction, max_read_errors = data.max_skip_fraction, data.max_read_error_fraction
     seen = totals["files_seen"]
     bad = sum(totals["skipped"].values())
+    unreadable = totals["skipped"].get("read_error", 0)
+    if seen >= min_seen and unreadable / seen > max_read_errors:
+        return (f"{unreadable} of {seen} files could not be read after retries ({unreadable / seen:.1%} > "
+                f"data.max_read_error_fraction={max_read_errors}): a storage problem, not bad audio "
+                f"(e.g. {', '.join(totals['examples'].get('read_error', [])[:3])})")
     if seen >= min_seen and bad / seen > max_fraction:
         reasons = ", ".join(f"{r}={n} (e.g. {totals['examples'].get(r, ['?'])[0]})"
                             for r, n in sorted(totals["skipped"].items(), key=lambda kv: -kv[1]))
@@ -139,7 +195,7 @@ def skip_summary(totals: dict) -> str:
     """One line for the user: skips by reason with a few example keys (the full list is an artifact)."""
     parts = [f"{r}={n} (e.g. {', '.join(totals['examples'].get(r, [])[:3])})"
              for r, n in sorted(totals["skipped"].items(), key=lambda kv: -kv[1])]
-    return f"data: skipped {sum(totals['skipped'].values())} file visits: {'; '.join(parts)} (list: skipped.csv)"
+    return f"data: skipped {sum(totals['skipped'].values())} files: {'; '.join(parts)} (list: skipped.csv)"
 
 
 def write_skipped_csv(skipped: list[tuple[str, str, str]], path: str) -> str:
@@ -181,9 +237,12 @@ def clips_from_files(batch: dict[str, np.ndarray], features: FeaturesConfig, dat
                 data_bytes = read_bytes(uri, retries=data.read_retries,
                                         fs=_fs("s3://" if uri.startswith("s3://") else "/", storage.s3_endpoint,
                                                storage.s3_region))
+            except FileNotFoundError:
+                raise Skip("missing", "no such object") from None
             except Exception as e:  # after retries
                 raise Skip("read_error", f"{type(e).__name__}: {str(e)[:120]}") from None
-            wav = decode(data_bytes, features.sample_rate, data.max_channels, data.min_seconds, data.trim_silence)
+            wav = decode(data_bytes, features.sample_rate, data.max_channels, data.min_seconds, data.trim_silence,
+                         data.max_decoded_mb)
         except Skip as s:  # counted by the ledger; the driver prints one summary line
             log.debug("skipped %s: %s", uri, s)
             skipped.append((s.reason, uri, s.detail))
@@ -192,7 +251,7 @@ def clips_from_files(batch: dict[str, np.ndarray], features: FeaturesConfig, dat
             waves.append(c)
             epochs.append(epoch)
     if ledger is not None:
-        ledger.record.remote(len(uris), len(waves), skipped)
+        ray.get(ledger.record.remote([str(u) for u in uris], len(waves), skipped))  # counted before the rows go on
     if data.features_in == "trainer":
         x = np.stack(waves) if waves else np.zeros((0, clip_len), np.float32)
     elif waves:
@@ -214,7 +273,7 @@ def measure_stats(cfg: Config, listing: Listing) -> dict[str, float]:
     def one_crop(f: FileEntry):
         try:
             wav = decode(read_bytes(f.uri, cfg.storage.s3_endpoint, cfg.storage.s3_region), fc.sample_rate,
-                         cfg.data.max_channels, cfg.data.min_seconds, cfg.data.trim_silence)
+                         cfg.data.max_channels, cfg.data.min_seconds, cfg.data.trim_silence, cfg.data.max_decoded_mb)
         except Exception:  # noqa: BLE001 - a bad or unreadable file is left out of the sample, as in training
             return None
         return crops(wav, fc.clip_samples, 1, crop_rng(cfg.seed, 0, f.key))[0] if len(wav) > fc.clip_samples else wav
@@ -235,17 +294,43 @@ def quiet_ray_data() -> None:
     ctx.print_on_execution_start = False
 
 
+@lru_cache(maxsize=4)
+def _order(n_files: int, seed: int, epoch: int) -> np.ndarray:
+    return epoch_order(n_files, seed, epoch)
+
+
+_FILES: dict = {}
+
+
+def plan_rows(batch: dict[str, np.ndarray], files, seed: int, start_epoch: int) -> dict[str, np.ndarray]:
+    """Ray Data UDF: plan positions (pass * n_files + i) -> the (uri, key, epoch) row they visit.
+
+    Passes are computed where they are read, never materialised: the driver holds one list of the
+    files, whatever train.steps is."""
+    if id(files) not in _FILES:  # the listing, fetched once per worker process
+        _FILES.clear()
+        _FILES[id(files)] = ray.get(files) if isinstance(files, ray.ObjectRef) else files
+    uris, keys = _FILES[id(files)]
+    n = len(uris)
+    ids = batch["id"].astype(np.int64)
+    epochs = start_epoch + ids // n
+    idx = np.array([_order(n, seed, int(e))[i] for e, i in zip(epochs, ids % n)], dtype=np.int64)
+    return {"uri": uris[idx], "key": keys[idx], "epoch": epochs}
+
+
 def build_dataset(cfg: Config, listing: Listing, ledger=None, passes: int | None = None,
                   start_epoch: int = 0) -> "ray.data.Dataset":
     """The streaming clip dataset for `passes` passes over the listing, each in its own order."""
     quiet_ray_data()  # here, so that datasets built in a sweep's trial process are quiet too
-    passes = passes or passes_needed(cfg, len(listing.files))
-    rows = []
-    for e in range(start_epoch, start_epoch + passes):
-        for i in epoch_order(len(listing.files), cfg.seed, e):
-            f = listing.files[i]
-            rows.append({"uri": f.uri, "key": f.key, "epoch": e})
-    ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // 8, 4096)))
+    n = len(listing.files)
+    passes = passes or passes_needed(cfg, n)
+    files = ray.put((np.array([f.uri for f in listing.files], dtype=object),
+                     np.array([f.key for f in listing.files], dtype=object)))
+    total = passes * n
+    ds = ray.data.range(total, override_num_blocks=max(1, min(total // 8, 4096)))
+    ds = ds.map_batches(plan_rows, batch_size=4, batch_format="numpy",
+                        fn_kwargs=dict(files=files, seed=cfg.seed, start_epoch=start_epoch), num_cpus=1,
+                        concurrency=cfg.data.concurrency or None)
     return ds.map_batches(clips_from_files, batch_size=4, batch_format="numpy",
                           fn_kwargs=dict(features=cfg.features, data=cfg.data, storage=cfg.storage, seed=cfg.seed,
                                          ledger=ledger),

@@ -55,8 +55,7 @@ def evaluate(model_uri: str, tasks: list[str], config: str | None = None, overri
             rnd = random_encoder(cfg, seed=cfg.seed)
             models = {"jepa": encoder, "random": rnd} if encoder is not None else {"random": rnd}
             # caches key on what was read: the resolved version and the weights' sha256, never the URI string
-            ids = {name: f"{enc.resolved}#{enc.digest()}" if name == "jepa" else f"random:{cfg.hash()}:{cfg.seed}"
-                   for name, enc in models.items()}
+            ids = {name: f"{enc.resolved}#{enc.digest()}" for name, enc in models.items()}
         progress(f"task {task.name}: {len(wavs)} clips ({len(task.skipped)} skipped), "
                  f"{len(set(y))} classes, splits {dict(zip(*np.unique(split, return_counts=True)))}")
         rows = []

@@ -301,7 +301,7 @@ class WorkerRun:
             totals = ray.get(self.ledger.totals.remote())
             metrics.update({"data_files_seen": totals["files_seen"], "data_clips": totals["clips"],
                             "data_skipped": sum(totals["skipped"].values())})
-            problem = check_skips(totals, self.cfg.data.max_skip_fraction)
+            problem = check_skips(totals, self.cfg.data)
         rate = (self.step - self.step_start) / max(time.time() - self.t_start, 1e-9)
         print(f"step {self.step}/{self.total} ({100 * self.step / self.total:.0f}%) loss {metrics['loss']:.4f} "
               f"lr {metrics['lr']:.2e} tau {metrics['tau']:.5f} gnorm {metrics['grad_norm']:.2f} "
@@ -454,7 +454,7 @@ def run_pretraining(cfg: Config, progress=print, parent_run_id: str | None = Non
     if status == "succeeded" and summary["metrics"].get("collapsed"):
         summary.update(status="collapsed", error=f"representation collapse at step {summary['final_step']}")
     if status == "succeeded":
-        problem = check_skips(totals, cfg.data.max_skip_fraction)
+        problem = check_skips(totals, cfg.data)
         if problem:
             summary.update(status="failed", error=problem)
     skipped = ray.get(ledger.skipped_files.remote())

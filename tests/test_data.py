@@ -109,7 +109,94 @@ def test_empty_or_unreachable_source_fails_clearly(tmp_path, s3_server):
 
 
 def test_skip_fraction_limit_message_names_reasons_and_keys():
+    data = cfg_for("x").data  # max_skip_fraction 0.5, max_read_error_fraction 0.01
     totals = {"files_seen": 40, "skipped": {"undecodable": 30}, "examples": {"undecodable": ["s3://b/k.wav"]}}
-    msg = check_skips(totals, 0.5)
+    msg = check_skips(totals, data)
     assert "30 of 40" in msg and "undecodable" in msg and "s3://b/k.wav" in msg
-    assert check_skips({**totals, "skipped": {"undecodable": 5}}, 0.5) is None
+    assert check_skips({**totals, "skipped": {"undecodable": 5}}, data) is None
+    # files the storage would not give us are a storage problem with their own (small) limit
+    unreadable = {"files_seen": 400, "skipped": {"read_error": 5}, "examples": {"read_error": ["s3://b/r.wav"]}}
+    msg = check_skips(unreadable, data)
+    assert "could not be read after retries" in msg and "data.max_read_error_fraction" in msg and "s3://b/r.wav" in msg
+
+
+def test_skips_count_files_not_visits(corpus_dir):
+    """Three passes over 6 bad files report 6 skipped files, not 18 visits."""
+    cfg = cfg_for(str(corpus_dir))
+    _, rows, totals = run_pipeline(cfg, passes=3)
+    assert totals["skipped"] == dict(Counter(reason for _, reason in bad_files().values()))
+    assert totals["files_seen"] == len(GOOD) + len(bad_files())
+    assert totals["clips"] == len(rows) == 3 * expected_clips(cfg)
+
+
+def test_manifest_rows_are_confined_and_checked(clean_corpus_dir, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    good = [name for name, *_ in GOOD]
+    (clean_corpus_dir / "m.CSV").write_text("path\n" + "\n".join(good + [good[0]]) + "\n")  # a duplicate
+    files = list_source(cfg_for(str(clean_corpus_dir / "m.CSV"))).files
+    assert sorted(f.key for f in files) == sorted(good)  # upper-case extension read; duplicate dropped
+
+    def refused(rows, match, **over):
+        (clean_corpus_dir / "bad.csv").write_text("path\n" + "\n".join(rows) + "\n")
+        with pytest.raises(DataSourceError, match=match):
+            list_source(cfg_for(str(clean_corpus_dir / "bad.csv"), **over))
+
+    refused([good[0], "../outside.wav"], r"row 3: path '../outside.wav' resolves to .*outside")
+    refused([good[0], "/dev/zero"], r"row 3: path '/dev/zero' is a device or kernel file")
+    refused(["/dev/zero"], r"device or kernel file", **{"data.allow_outside_paths": "true"})
+    refused(["a"], r"row 2: 'a' is not a regular file")  # a directory
+    (tmp_path / "elsewhere.wav").write_bytes((clean_corpus_dir / good[0]).read_bytes())
+    refused([str(tmp_path / "elsewhere.wav")], r"outside")
+    (clean_corpus_dir / "out.csv").write_text(f"path\n{tmp_path / 'elsewhere.wav'}\n")
+    assert len(list_source(cfg_for(str(clean_corpus_dir / "out.csv"), **{"data.allow_outside_paths": "true"})).files) == 1
+    pq.write_table(pa.table({"path": [1, 2]}), clean_corpus_dir / "ints.PARQUET")
+    with pytest.raises(DataSourceError, match=r"row 0: path 1 is not a non-empty string"):
+        list_source(cfg_for(str(clean_corpus_dir / "ints.PARQUET")))
+
+
+def test_a_huge_but_small_on_disk_file_is_skipped_from_its_header(monkeypatch):
+    import soundfile as sf
+
+    from conftest import encode, tone
+    from service.audio import Skip, decode
+    data = encode(tone(440, 5.0, 16000), 16000, "FLAC")  # 5 s: 0.3 MB of float32 once decoded
+    monkeypatch.setattr(sf.SoundFile, "read", lambda *a, **k: pytest.fail("decoded a file it should skip"))
+    with pytest.raises(Skip) as e:
+        decode(data, 16000, max_decoded_mb=0.1)
+    assert e.value.reason == "too_long" and "data.max_decoded_mb=0.1" in e.value.detail
+
+
+def test_a_transient_storage_error_is_retried_not_counted_as_bad_audio(clean_corpus_dir, monkeypatch):
+    import pyarrow.fs as pafs
+
+    from service import data as data_mod
+    real, fails = pafs.LocalFileSystem(), {"left": 2}
+
+    class Flaky:  # the object store answers 503 twice, then serves the object
+        def open_input_stream(self, path):
+            if fails["left"]:
+                fails["left"] -= 1
+                raise OSError("503 SlowDown")
+            return real.open_input_stream(path)
+
+    monkeypatch.setattr(data_mod, "_fs", lambda *a: Flaky())
+    cfg = cfg_for(str(clean_corpus_dir))
+    name = GOOD[0][0]
+    out = data_mod.clips_from_files({"uri": np.array([str(clean_corpus_dir / name)]), "key": np.array([name]),
+                                     "epoch": np.array([0])}, cfg.features, cfg.data, cfg.storage, cfg.seed)
+    assert fails["left"] == 0 and len(out["x"]) >= 1  # read on the third try: clips, not a skipped file
+
+
+def test_the_driver_never_builds_rows_per_planned_clip(clean_corpus_dir):
+    """A 100k-step x 256 plan (~26M file visits on this corpus) costs the driver what a small one does."""
+    import tracemalloc
+    listing = list_source(cfg_for(str(clean_corpus_dir)))
+    peaks = []
+    for steps, batch in ((100, 2), (100_000, 256)):
+        cfg = cfg_for(str(clean_corpus_dir), **{"train.steps": steps, "train.batch_size": batch})
+        tracemalloc.start()
+        build_dataset(cfg, listing)
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+    assert peaks[1] < peaks[0] + 5 * 2 ** 20, peaks

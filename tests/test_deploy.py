@@ -78,7 +78,7 @@ def assert_hardened_pod(pod: dict) -> None:
         sc = {**pod.get("securityContext", {}), **c.get("securityContext", {})}
         assert sc.get("runAsNonRoot") is True and c["securityContext"].get("allowPrivilegeEscalation") is False, c["name"]
         assert sc.get("runAsUser", 0) != 0 and c["securityContext"]["capabilities"]["drop"] == ["ALL"], c["name"]
-        repo, _, tag = c["image"].rpartition("/")[2].partition(":")
+        tag = c["image"].rpartition("/")[2].partition(":")[2]
         assert "@sha256:" in c["image"] or (tag and tag != "latest"), f"{c['image']}: pin the image tag"
         for e in c.get("env", []):
             if e["name"] in SECRET_VARS:

@@ -20,9 +20,23 @@ from pathlib import Path
 import pytest
 
 import cluster.local as local
-from cluster.procs import boot_id, descendants, identity, same_process, start_group
+from cluster.procs import descendants, start_group
 
 ROOT = Path(__file__).resolve().parents[1]
+BOOT_ID = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+
+
+def identity(pid: int) -> dict | None:
+    """The record format of cluster/local's pids.json: PID + start time (stat field 22) + boot id."""
+    try:
+        f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return None if f[0] == "Z" else {"pid": pid, "start": int(f[19]), "boot": BOOT_ID}
+
+
+def same_process(ident: dict) -> bool:
+    return identity(ident["pid"]) == ident
 
 
 def listening_sockets() -> dict[int, tuple[str, int]]:
