@@ -4,13 +4,21 @@
     python -m cluster.local status
     python -m cluster.local down     # stops exactly what `up` started (process groups + descendants)
 
-Ray listens on every interface whatever it is told, so the head runs with token authentication
-(RAY_AUTH_MODE=token, a generated token in var/cluster/ray_token, mode 0600); `ray job submit`
-needs RAY_AUTH_MODE and RAY_AUTH_TOKEN_PATH from the env file.
+Every service listens on 127.0.0.1 only.  The Ray head runs with token authentication (RAY_AUTH_MODE=token, a
+generated token in var/cluster/ray_token, mode 0600): `ray job submit` needs RAY_AUTH_MODE and
+RAY_AUTH_TOKEN_PATH from the env file.  MLflow runs its basic-auth app when MLflow's `auth` extra is installed
+(admin password generated into var/cluster/mlflow_password, mode 0600); clients get MLFLOW_TRACKING_USERNAME /
+MLFLOW_TRACKING_PASSWORD from the env file (mode 0600), and Ray workers inherit them, with the S3 credentials,
+from the head's environment, never through a job's runtime_env.
+
+`down` signals a PID only while its start time and boot id match what `up` recorded (a PID reused after a reboot
+or by another program is left alone), by PID or process group, never by name.  A failed `up` stops what it
+had started before raising.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import secrets
@@ -20,11 +28,14 @@ import sys
 import time
 from pathlib import Path
 
-from cluster.procs import descendants, free_port, group_alive, group_members, start_group, stop_group, wait_http
+from cluster.procs import (RAY_LOOPBACK_ENV, descendants, free_port, group_members, identity, process_group,
+                           same_process, start_group, stop_group, wait_http, write_private)
 
 ROOT = Path(__file__).resolve().parents[1]
 STATE = Path(os.environ.get("AUDIO_JEPA_CLUSTER_DIR", ROOT / "var" / "cluster"))
 S3_KEY, S3_SECRET = "audio-jepa-local", "audio-jepa-local-secret"
+MLFLOW_ADMIN = "admin"
+SERVICES = ("ray", "mlflow", "s3")  # the order `down` stops them in: jobs first, then what they write to
 
 
 def bin_path(name: str) -> str:
@@ -43,27 +54,97 @@ def read_env(state: Path = STATE) -> dict[str, str]:
     return out
 
 
-def _pids(state: Path) -> dict:
+def _records(state: Path) -> dict:
+    """pids.json: {"services": {name: identity of its process-group leader}, "members": [identities]}."""
     f = state / "pids.json"
-    return json.loads(f.read_text()) if f.exists() else {}
+    rec = json.loads(f.read_text()) if f.exists() else {}
+    if rec and "services" not in rec:  # written by an older version: bare PIDs, which can never be confirmed
+        rec = {"services": {k: {"pid": v} for k, v in rec.items() if isinstance(v, int)}, "members": []}
+    return rec
+
+
+def _save(state: Path, rec: dict) -> None:
+    tmp = state / "pids.json.tmp"
+    tmp.write_text(json.dumps(rec))
+    os.replace(tmp, state / "pids.json")
 
 
 def _alive(state: Path) -> dict[str, bool]:
-    return {name: group_alive(pid) for name, pid in _pids(state).items()}
+    return {name: same_process(r) for name, r in _records(state).get("services", {}).items()}
+
+
+def _ours(rec: dict) -> tuple[list[int], dict[int, dict]]:
+    """The process groups and processes that are provably what `up` started, with their identities.
+
+    A recorded PID counts only while its start time and boot id still match.  A recorded group counts while
+    such a process is in it: the kernel reuses no group id while a member lives, and only processes of the
+    session `up` created can join it (this catches MLflow's consumers, forked after the record was taken).
+    Live descendants of all of these count too (Ray's job drivers and workers start sessions of their own).
+    """
+    services = rec.get("services", {})
+    verified = [r["pid"] for r in [*services.values(), *rec.get("members", [])] if same_process(r)]
+    in_groups = {process_group(p) for p in verified}
+    groups = [services[n]["pid"] for n in SERVICES if n in services and services[n]["pid"] in in_groups]
+    pids = set(verified)
+    for g in groups:
+        pids.update(group_members(g))
+    pids.update(descendants(list(pids)))
+    return groups, {p: i for p in pids if (i := identity(p))}
+
+
+def _secret(path: Path, make=lambda: secrets.token_hex(32)) -> tuple[str, bool]:
+    """A generated secret kept across restarts: (value, newly made).  Created 0600 from the first byte; one that
+    others could read (an older version wrote, then chmod-ed) is replaced."""
+    if path.is_symlink() or (path.exists() and path.stat().st_mode & 0o077):
+        path.unlink()
+    if path.exists():
+        return path.read_text().strip(), False
+    value = make()
+    write_private(path, value)
+    return value, True
+
+
+def _mlflow_auth(state: Path) -> dict[str, str] | None:
+    """Environment for MLflow's basic-auth app, or None where MLflow's `auth` extra (Flask-WTF) is missing.
+
+    MLflow creates the admin user on its first start only, so a password made anew (its file was removed)
+    clears the old user store, whose admin would keep a password nobody knows.
+    """
+    if importlib.util.find_spec("flask_wtf") is None:
+        return None
+    d = state / "mlflow"
+    password, fresh = _secret(state / "mlflow_password", lambda: secrets.token_urlsafe(24))
+    if fresh:
+        (d / "basic_auth.db").unlink(missing_ok=True)
+    ini = d / "basic_auth.ini"
+    ini.write_text("[mlflow]\ndefault_permission = NO_PERMISSIONS\n"
+                   f"database_uri = sqlite:///{d / 'basic_auth.db'}\nadmin_username = {MLFLOW_ADMIN}\n"
+                   "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+    return {"MLFLOW_AUTH_CONFIG_PATH": str(ini), "MLFLOW_AUTH_ADMIN_PASSWORD": password,
+            # signs the login forms' CSRF tokens; the auth app refuses to start without a fixed one
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": _secret(state / "mlflow_secret_key")[0]}
+
+
+def _write_env(state: Path, env: dict[str, str]) -> None:
+    """The env file carries the MLflow password: 0600 from creation, swapped in whole."""
+    tmp = state / "env.tmp"
+    tmp.unlink(missing_ok=True)
+    write_private(tmp, "".join(f"export {k}='{v}'\n" for k, v in env.items()))
+    os.replace(tmp, state / "env")
 
 
 def up(state: Path = STATE, num_cpus: int | None = None) -> dict[str, str]:
     alive = _alive(state)
-    if alive and all(alive.values()):
+    if alive and all(alive.values()) and (state / "env").exists():
         print("local cluster already up")
         return read_env(state)
-    if alive:
+    if _records(state):
         down(state)
-    (state / "logs").mkdir(parents=True, exist_ok=True)
+    state.mkdir(parents=True, exist_ok=True, mode=0o700)
+    logs = state / "logs"
+    logs.mkdir(exist_ok=True)
     token_file = state / "ray_token"
-    if not token_file.exists():
-        token_file.write_text(secrets.token_hex(32))
-    os.chmod(token_file, 0o600)
+    _secret(token_file)
     ports: dict[str, int] = {}
     for k in ("gcs", "dashboard", "mlflow", "s3", "client", "metrics", "agent_http", "agent_grpc", "runtime_env",
               "node_manager", "object_manager"):
@@ -80,48 +161,64 @@ def up(state: Path = STATE, num_cpus: int | None = None) -> dict[str, str]:
         "AWS_DEFAULT_REGION": "us-east-1",
         "RAY_USAGE_STATS_ENABLED": "0",
         "AUDIO_JEPA_CLUSTER_DIR": str(state),
+        # the head listens on 127.0.0.1 only; a driver on this machine must not rewrite that address either
+        **RAY_LOOPBACK_ENV,
     }
-    pids: dict[str, int] = {}
-    logs = state / "logs"
-    print(f"starting S3 (moto) on 127.0.0.1:{ports['s3']}", flush=True)
-    pids["s3"] = start_group([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(ports["s3"])],
-                             logs / "s3.log").pid
     mlflow_dir = state / "mlflow"
     mlflow_dir.mkdir(exist_ok=True)
-    print(f"starting MLflow on 127.0.0.1:{ports['mlflow']}", flush=True)
-    pids["mlflow"] = start_group([bin_path("mlflow"), "server", "--backend-store-uri",
-                                  f"sqlite:///{mlflow_dir}/mlflow.db", "--artifacts-destination",
-                                  str(mlflow_dir / "artifacts"), "--host", "127.0.0.1", "--port",
-                                  str(ports["mlflow"]), "--workers", "1"], logs / "mlflow.log").pid
-    temp_dir = Path("/tmp") / f"audio-jepa-ray-{ports['gcs']}"
-    print(f"starting Ray head (GCS 127.0.0.1:{ports['gcs']}, dashboard 127.0.0.1:{ports['dashboard']}, "
-          "token auth on)", flush=True)
-    head_env = {**env, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
-    head_env.pop("RAY_ADDRESS")
-    pids["ray"] = start_group([bin_path("ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-                               f"--port={ports['gcs']}", "--dashboard-host=127.0.0.1",
-                               f"--dashboard-port={ports['dashboard']}", f"--ray-client-server-port={ports['client']}",
-                               f"--metrics-export-port={ports['metrics']}", f"--temp-dir={temp_dir}",
-                               # every port free and our own: a second Ray on the machine must not collide
-                               f"--dashboard-agent-listen-port={ports['agent_http']}",
-                               f"--dashboard-agent-grpc-port={ports['agent_grpc']}",
-                               f"--runtime-env-agent-port={ports['runtime_env']}",
-                               f"--node-manager-port={ports['node_manager']}",
-                               f"--object-manager-port={ports['object_manager']}",
-                               f"--num-cpus={num_cpus or max(4, os.cpu_count() or 1)}", "--disable-usage-stats"],
-                              logs / "ray.log", env=head_env).pid
-    (state / "pids.json").write_text(json.dumps(pids))
-    (state / "ray_temp_dir").write_text(str(temp_dir))
+    auth = _mlflow_auth(state)
+    if auth:
+        env.update(MLFLOW_TRACKING_USERNAME=MLFLOW_ADMIN, MLFLOW_TRACKING_PASSWORD=auth["MLFLOW_AUTH_ADMIN_PASSWORD"])
+    rec: dict = {"services": {}, "members": []}
+    procs = {}
+
+    def started(name: str, proc) -> None:  # recorded at once: whatever happens next, `down` can stop it
+        procs[name] = proc
+        rec["services"][name] = identity(proc.pid) or {"pid": proc.pid}
+        _save(state, rec)
+
     try:
-        wait_http(env["AWS_ENDPOINT_URL"], timeout=60)
-        wait_http(env["RAY_ADDRESS"] + "/api/version", timeout=120)
-        wait_http(env["MLFLOW_TRACKING_URI"] + "/health", timeout=180)
-    except Exception:
-        print(f"a service did not start; logs in {logs}", file=sys.stderr)
+        print(f"starting S3 (moto) on 127.0.0.1:{ports['s3']}", flush=True)
+        started("s3", start_group([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(ports["s3"])],
+                                  logs / "s3.log"))
+        print(f"starting MLflow on 127.0.0.1:{ports['mlflow']} "
+              f"({'basic auth' if auth else 'NO authentication: install mlflow[auth] to turn it on'})", flush=True)
+        started("mlflow", start_group([bin_path("mlflow"), "server", *(["--app-name", "basic-auth"] if auth else []),
+                                       "--backend-store-uri", f"sqlite:///{mlflow_dir}/mlflow.db",
+                                       "--artifacts-destination", str(mlflow_dir / "artifacts"), "--host",
+                                       "127.0.0.1", "--port", str(ports["mlflow"]), "--workers", "1"],
+                                      logs / "mlflow.log", env=auth))
+        temp_dir = Path("/tmp") / f"audio-jepa-ray-{ports['gcs']}"
+        (state / "ray_temp_dir").write_text(str(temp_dir))
+        print(f"starting Ray head (GCS 127.0.0.1:{ports['gcs']}, dashboard 127.0.0.1:{ports['dashboard']}, "
+              "token auth on)", flush=True)
+        # the head's environment is every worker's: the S3 and MLflow credentials reach jobs from here
+        head_env = {**env, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+        head_env.pop("RAY_ADDRESS")
+        started("ray", start_group([bin_path("ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+                                    f"--port={ports['gcs']}", "--dashboard-host=127.0.0.1",
+                                    f"--dashboard-port={ports['dashboard']}",
+                                    f"--ray-client-server-port={ports['client']}",
+                                    f"--metrics-export-port={ports['metrics']}", f"--temp-dir={temp_dir}",
+                                    # every port free and our own: a second Ray on the machine must not collide
+                                    f"--dashboard-agent-listen-port={ports['agent_http']}",
+                                    f"--dashboard-agent-grpc-port={ports['agent_grpc']}",
+                                    f"--runtime-env-agent-port={ports['runtime_env']}",
+                                    f"--node-manager-port={ports['node_manager']}",
+                                    f"--object-manager-port={ports['object_manager']}",
+                                    f"--num-cpus={num_cpus or max(4, os.cpu_count() or 1)}", "--disable-usage-stats"],
+                                   logs / "ray.log", env=head_env))
+        wait_http(env["AWS_ENDPOINT_URL"], timeout=60, proc=procs["s3"])
+        wait_http(env["RAY_ADDRESS"] + "/api/version", timeout=120, proc=procs["ray"])
+        wait_http(env["MLFLOW_TRACKING_URI"] + "/health", timeout=180, proc=procs["mlflow"])
+        _wait_jobs_ready(env, logs)
+        rec["members"] = list(_ours(rec)[1].values())
+        _save(state, rec)
+        _write_env(state, env)
+    except BaseException:
+        print(f"the local cluster did not come up; stopping what was started (logs in {logs})", file=sys.stderr)
         down(state)
         raise
-    _wait_jobs_ready(env, logs)
-    (state / "env").write_text("".join(f"export {k}='{v}'\n" for k, v in env.items()))
     print_status(state)
     return env
 
@@ -142,26 +239,31 @@ def _wait_jobs_ready(env: dict, logs: Path, timeout: float = 180.0) -> None:
         time.sleep(2)
 
 
+def _not_ours_any_more(rec: dict) -> list[str]:
+    """Recorded PIDs that now name another process (after a reboot, or reused by another program)."""
+    return [f"{name}: PID {r['pid']} is not the process `up` started (its PID was reused after a reboot or by "
+            "another program); left alone" for name, r in rec.get("services", {}).items()
+            if not same_process(r) and identity(r["pid"]) is not None]
+
+
 def down(state: Path = STATE) -> None:
-    pids = _pids(state)
-    if not pids:
+    rec = _records(state)
+    if not rec.get("services"):
         print("local cluster is not running")
         return
-    # everything we started: the groups' members and all their descendants, collected before killing
-    ours = set()
-    for pgid in pids.values():
-        members = group_members(pgid)
-        ours.update(members)
-        ours.update(descendants(members))
-    for name in ("ray", "mlflow", "s3"):
-        if name in pids:
-            print(f"stopping {name} (process group {pids[name]})", flush=True)
-            stop_group(pids[name])
-    for pid in ours:  # stragglers in other sessions (job drivers, workers)
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    for line in _not_ours_any_more(rec):
+        print(line, flush=True)
+    groups, ours = _ours(rec)  # collected before anything is signalled
+    for name, r in rec["services"].items():
+        if r["pid"] in groups:
+            print(f"stopping {name} (process group {r['pid']})", flush=True)
+            stop_group(r["pid"])
+    for pid, ident in ours.items():  # stragglers in other sessions (job drivers, workers), if still the same
+        if same_process(ident):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
     (state / "pids.json").unlink(missing_ok=True)
     (state / "env").unlink(missing_ok=True)
     temp = state / "ray_temp_dir"
@@ -172,15 +274,20 @@ def down(state: Path = STATE) -> None:
 
 
 def print_status(state: Path = STATE) -> bool:
-    env, alive = read_env(state), _alive(state)
-    if not alive:
+    env, rec = read_env(state), _records(state)
+    if not rec.get("services"):
         print("local cluster: down")
         return False
     urls = {"ray": env.get("RAY_ADDRESS", "?") + " (dashboard, job submission)",
-            "mlflow": env.get("MLFLOW_TRACKING_URI", "?") + " (MLflow UI)",
+            "mlflow": env.get("MLFLOW_TRACKING_URI", "?") + " (MLflow UI"
+                      + (", login: MLFLOW_TRACKING_USERNAME/PASSWORD in the env file)" if env.get(
+                          "MLFLOW_TRACKING_PASSWORD") else ")"),
             "s3": env.get("AWS_ENDPOINT_URL", "?") + " (S3 endpoint)"}
+    alive = {name: same_process(r) for name, r in rec["services"].items()}
     for name, ok in alive.items():
         print(f"  {name:7s} {'up  ' if ok else 'DOWN'}  {urls.get(name, '')}")
+    for line in _not_ours_any_more(rec):
+        print("  " + line)
     print(f"  env file: {state / 'env'}   logs: {state / 'logs'}")
     return all(alive.values())
 

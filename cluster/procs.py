@@ -1,4 +1,9 @@
-"""Start and stop helper services (moto, MLflow, Ray head) by process group, never by name."""
+"""Start and stop helper services (moto, MLflow, Ray head) by process group, never by name.
+
+A recorded PID is only trusted while it names the same process: `identity` (start time since boot + boot
+id) is stored with it, and `same_process` checks both before anything is signalled, so a PID that a later
+boot or another program reused is left alone.
+"""
 from __future__ import annotations
 
 import os
@@ -8,6 +13,13 @@ import subprocess
 import time
 import urllib.request
 from pathlib import Path
+
+# Ray on Linux rewrites 127.0.0.1 to the machine's own address (in a node's address and in the GCS address a
+# driver connects to) unless this (misnamed) flag is "0", and it binds its GCS, raylet, agents and workers to the
+# node address: with the flag, a Ray started on this machine (the local cluster's head, a job's private Ray)
+# listens on 127.0.0.1 only, and drivers here can reach it.  Ray reads it when it is imported, so it must be in
+# the environment before `import ray` (or in the environment of `ray start`).
+RAY_LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
 def free_port(exclude: set[int] | None = None) -> int:
@@ -47,6 +59,53 @@ def stop_group(proc_or_pgid, timeout: float = 20.0) -> None:
             proc_or_pgid.wait(timeout=1)
         except subprocess.TimeoutExpired:
             pass
+
+
+def write_private(path: Path | str, text: str) -> None:
+    """Create `path` holding `text`, mode 0600 from the first byte (never readable by others, even briefly).
+
+    O_EXCL refuses an existing file or a planted symlink; callers that replace a file remove it first.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
+def boot_id() -> str:
+    """This boot's random id: start times (clock ticks since boot) only compare within one boot."""
+    return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+
+
+def _stat(pid: int) -> list[str] | None:
+    """Fields of /proc/<pid>/stat after the command name (field 3 onwards), None when gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def identity(pid: int) -> dict | None:
+    """What tells this process from a later one with the same PID: start time (stat field 22) + boot id."""
+    f = _stat(pid)
+    if f is None or f[0] == "Z":
+        return None
+    return {"pid": pid, "start": int(f[19]), "boot": boot_id()}
+
+
+def same_process(record) -> bool:
+    """The recorded process still runs: same PID, same start time, same boot (not a reused PID).
+
+    A bare PID (no start time recorded) can never be confirmed, so it never counts as ours.
+    """
+    if not isinstance(record, dict) or not isinstance(record.get("pid"), int):
+        return False
+    now = identity(record["pid"])
+    return now is not None and (now["start"], now["boot"]) == (record.get("start"), record.get("boot"))
+
+
+def process_group(pid: int) -> int | None:
+    f = _stat(pid)
+    return int(f[2]) if f else None
 
 
 def group_alive(pgid: int) -> bool:

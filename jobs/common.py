@@ -2,12 +2,19 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import logging
 import os
+import secrets
+import shutil
+import signal
 import sys
+import tempfile
+import threading
 from pathlib import Path
 
+from cluster.procs import RAY_LOOPBACK_ENV, write_private
 from service.config import Config, ConfigError, load_config
 
 # Framework chatter off at the default log level.  Read at import or worker start, so set when this module is
@@ -22,10 +29,19 @@ QUIET_ENV = {
 }
 for _k, _v in QUIET_ENV.items():
     os.environ.setdefault(_k, _v)
+if not os.environ.get("RAY_ADDRESS"):
+    # run directly: the private Ray must listen on 127.0.0.1 only, and Ray reads this when imported.  (Under
+    # `ray job submit` the driver must find its node by the cluster's address, so it is left alone there.)
+    for _k, _v in RAY_LOOPBACK_ENV.items():
+        os.environ.setdefault(_k, _v)
 
-PASS_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
-            "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "MLFLOW_TRACKING_URI",
-            "MLFLOW_TRACKING_TOKEN", "MLFLOW_S3_ENDPOINT_URL")
+# Settings a job's Ray workers get from the driver, through the job's runtime_env.  Never credentials: the
+# runtime_env is job metadata that anyone who can list jobs reads (`ray list jobs --detail`, the dashboard).
+# Workers get AWS_ACCESS_KEY_ID/SECRET_ACCESS_KEY/SESSION_TOKEN and MLFLOW_TRACKING_USERNAME/PASSWORD/TOKEN
+# from the cluster's own environment (cluster/local.py's head, Kubernetes Secrets, instance roles), or, for a
+# job run directly, by inheriting the job's environment through its private Ray.
+PASS_ENV = ("AWS_DEFAULT_REGION", "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "MLFLOW_TRACKING_URI",
+            "MLFLOW_S3_ENDPOINT_URL")
 
 
 def config_args(p: argparse.ArgumentParser) -> None:
@@ -66,6 +82,8 @@ def init_ray(min_cpus: int = 1) -> None:
 
     Never joins a cluster merely recorded on this machine.  Locally, at least `min_cpus` logical
     CPUs are declared so Train workers and Ray Data tasks cannot starve each other on 2 cores.
+    The private Ray listens on 127.0.0.1 only, with token authentication (a fresh token in a 0600 file),
+    and is shut down when the job is stopped with SIGTERM or Ctrl-C.
     """
     import ray
     if ray.is_initialized():
@@ -74,11 +92,59 @@ def init_ray(min_cpus: int = 1) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if os.environ.get("RAY_ADDRESS"):
         ray.init(runtime_env={"env_vars": env}, log_to_driver=True, logging_level=logging.WARNING)
-    else:
-        # the dashboard (127.0.0.1 only) serves the state API that Ray Train's placement-group
-        # cleaner needs; without it a finished run's CPUs stay reserved and later runs starve
-        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, min_cpus), include_dashboard=True,
-                 dashboard_host="127.0.0.1", runtime_env={"env_vars": env}, logging_level=logging.WARNING)
+        return
+    _private_token()
+    # the dashboard (127.0.0.1 only) serves the state API that Ray Train's placement-group
+    # cleaner needs; without it a finished run's CPUs stay reserved and later runs starve
+    ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=max(os.cpu_count() or 1, min_cpus),
+             include_dashboard=True, dashboard_host="127.0.0.1", runtime_env={"env_vars": env},
+             logging_level=logging.WARNING)
+    gcs = ray.get_runtime_context().gcs_address
+    if not gcs.startswith("127.0.0.1:"):
+        logging.getLogger(__name__).warning(
+            "the private Ray listens on %s, not only 127.0.0.1: `ray` was imported before jobs.common, so it "
+            "missed %s", gcs, ", ".join(f"{k}={v}" for k, v in RAY_LOOPBACK_ENV.items()))
+    _shutdown_ray_on_signals()
+
+
+def _private_token() -> None:
+    """A fresh token for the private Ray, in a 0600 file in a 0700 directory that goes when the job ends.
+
+    Not Ray's default ~/.ray/auth_token: that one Ray writes with the umask's mode (world-readable) and shares
+    with every other Ray of the user.  RayConfig was read when `ray` was imported, so it is re-read (as Ray's
+    own token setup does) for this process to send the token too.
+    """
+    from ray._raylet import Config
+    d = tempfile.mkdtemp(prefix="audio-jepa-ray-auth-")
+    write_private(Path(d) / "token", secrets.token_hex(32))
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(Path(d) / "token"))
+    os.environ.pop("RAY_AUTH_TOKEN", None)  # it would win over the file
+    Config.initialize("")
+
+    def cleanup() -> None:  # registered after `import ray`, so it runs before Ray's own atexit
+        import ray
+        ray.shutdown()
+        shutil.rmtree(d, ignore_errors=True)
+    atexit.register(cleanup)
+
+
+def _shutdown_ray_on_signals() -> None:
+    """SIGTERM / Ctrl-C: shut the private Ray down, then exit 128+signal.
+
+    Ray's own SIGTERM handler only raises SystemExit and leaves the shutdown to atexit, which a job blocked in
+    a Ray call or holding up the exit does not reach in time.  A second signal kills at once.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def stop(signum, frame):
+        import ray
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, signal.SIG_DFL)
+        ray.shutdown()
+        raise SystemExit(128 + signum)
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, stop)
 
 
 def write_summary(path: Path | None, summary: dict) -> None:

@@ -3,6 +3,7 @@ clients, jobs' metadata carries no secret while their workers still get the cred
 `ray job submit` pretraining registers a model `load_encoder` can load, and `down` leaves nothing behind."""
 import base64
 import hashlib
+import importlib.util
 import json
 import os
 import subprocess
@@ -104,13 +105,21 @@ def test_cluster_listens_on_loopback_only_and_refuses_anonymous_clients(cluster)
     assert http_status(env["RAY_ADDRESS"] + "/api/jobs/") in (401, 403), "Ray's job API answered without a token"
     token = Path(env["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
     assert http_status(env["RAY_ADDRESS"] + "/api/jobs/", {"Authorization": f"Bearer {token}"}) == 200
-    if env.get("MLFLOW_TRACKING_PASSWORD"):  # MLflow's auth extra installed: basic auth on
-        search = env["MLFLOW_TRACKING_URI"] + "/api/2.0/mlflow/experiments/search?max_results=1"
-        assert http_status(search) == 401, "MLflow answered without a login"
-        login = base64.b64encode(f"{env['MLFLOW_TRACKING_USERNAME']}:{env['MLFLOW_TRACKING_PASSWORD']}".encode())
-        assert http_status(search, {"Authorization": f"Basic {login.decode()}"}) == 200
-    for name in ("ray_token", "env", *(["mlflow_password"] if env.get("MLFLOW_TRACKING_PASSWORD") else [])):
+    for name in ("ray_token", "env"):
         assert oct((state / name).stat().st_mode & 0o777) == "0o600", name
+
+
+@pytest.mark.skipif(importlib.util.find_spec("flask_wtf") is None,
+                    reason="MLflow's auth extra (mlflow[auth]) is not installed: the local MLflow runs without login")
+def test_cluster_mlflow_requires_a_login(cluster):
+    state, env, _ = cluster
+    assert env["MLFLOW_TRACKING_USERNAME"] and oct((state / "mlflow_password").stat().st_mode & 0o777) == "0o600"
+    search = env["MLFLOW_TRACKING_URI"] + "/api/2.0/mlflow/experiments/search?max_results=1"
+    assert http_status(search) == 401, "MLflow answered without a login"
+    wrong = base64.b64encode(f"{env['MLFLOW_TRACKING_USERNAME']}:not-the-password".encode()).decode()
+    assert http_status(search, {"Authorization": f"Basic {wrong}"}) == 401
+    login = base64.b64encode(f"{env['MLFLOW_TRACKING_USERNAME']}:{env['MLFLOW_TRACKING_PASSWORD']}".encode()).decode()
+    assert http_status(search, {"Authorization": f"Basic {login}"}) == 200
 
 
 SECRET_PROBE = """
@@ -129,30 +138,42 @@ print("PROBE", json.dumps(ray.get(probe.remote())), flush=True)
 
 
 def test_jobs_metadata_carries_no_secrets_and_workers_get_them_from_the_cluster(cluster):
+    """Two drivers with secrets in their environment, one submitted (`ray job submit`), one connecting directly
+    (RAY_ADDRESS = the GCS, as a notebook would): their workers have the cluster's credentials, and no secret shows
+    in what anyone holding the token can read: the job listings and the cluster's Ray logs."""
     state, env, _ = cluster
     mine = {"AWS_SESSION_TOKEN": "submitter-session-c0ffee", "MLFLOW_TRACKING_TOKEN": "submitter-token-c0ffee"}
     full = {**submit_env(env), **mine}
-    out = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", env["RAY_ADDRESS"], "--submission-id",
-                          "secrets-1", "--", "python", "-c", SECRET_PROBE], env=full, capture_output=True, text=True,
-                         timeout=600, cwd=ROOT)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
-    digests = json.loads(out.stdout.split("PROBE ", 1)[1].splitlines()[0])
-    assert digests["AWS_SECRET_ACCESS_KEY"] == hashlib.sha256(S3_SECRET.encode()).hexdigest()
-    assert digests["MLFLOW_TRACKING_PASSWORD"] == hashlib.sha256(env.get("MLFLOW_TRACKING_PASSWORD", "").encode()
-                                                                 ).hexdigest()
+    runs = {"submitted": [str(BIN / "ray"), "job", "submit", "--address", env["RAY_ADDRESS"], "--submission-id",
+                          "secrets-1", "--", "python", "-c", SECRET_PROBE],
+            "direct driver": [sys.executable, "-c", SECRET_PROBE]}
+    for how, cmd in runs.items():
+        run_env = {**full, "RAY_ADDRESS": env["RAY_GCS_ADDRESS"]} if how == "direct driver" else full
+        out = subprocess.run(cmd, env=run_env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+        assert out.returncode == 0, how + ": " + out.stdout[-3000:] + out.stderr[-2000:]
+        digests = json.loads(out.stdout.split("PROBE ", 1)[1].splitlines()[0])
+        assert digests["AWS_SECRET_ACCESS_KEY"] == hashlib.sha256(S3_SECRET.encode()).hexdigest(), how
+        assert digests["MLFLOW_TRACKING_PASSWORD"] == hashlib.sha256(
+            env.get("MLFLOW_TRACKING_PASSWORD", "").encode()).hexdigest(), how
     listed = subprocess.run([str(BIN / "ray"), "list", "jobs", "--detail", "--format", "json", "--address",
                              env["RAY_GCS_ADDRESS"]], env=full, capture_output=True, text=True, timeout=300)
     assert listed.returncode == 0 and "secrets-1" in listed.stdout, listed.stderr[-2000:]
+    assert "runtime_env" in listed.stdout
     token = Path(env["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
     request = urllib.request.Request(env["RAY_ADDRESS"] + "/api/jobs/", headers={"Authorization": f"Bearer {token}"})
     with urllib.request.urlopen(request, timeout=60) as r:  # what JobSubmissionClient.list_jobs reads
         info = r.read().decode()
     assert "secrets-1" in info
+    # the runtime env agent logs every runtime_env it sets up; `ray logs` serves these files
+    logs = "".join(f.read_text(errors="replace") for f in
+                   Path((state / "ray_temp_dir").read_text()).glob("session_*/logs/*") if f.is_file())
+    assert "runtime_env" in logs
     secrets = [S3_SECRET, *mine.values(), *([env["MLFLOW_TRACKING_PASSWORD"]] if env.get("MLFLOW_TRACKING_PASSWORD")
                                              else [])]
-    for where, text in (("ray list jobs --detail", listed.stdout), ("the job API's /api/jobs/", info)):
+    for where, text in (("ray list jobs --detail", listed.stdout), ("the job API's /api/jobs/", info),
+                        ("the cluster's Ray logs", logs)):
         leaked = [s[:6] + "…" for s in secrets if s in text]
-        assert not leaked, f"secrets in the jobs' metadata ({where}): {leaked}"
+        assert not leaked, f"secrets in {where}: {leaked}"
 
 
 def test_cluster_up_submit_e2e(cluster, tmp_path, clean_corpus_dir):
