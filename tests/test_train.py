@@ -122,11 +122,14 @@ def test_nan_gradients_are_skipped_and_a_damaged_checkpoint_falls_back(clean_cor
     assert ckpt.load_state(again["checkpoint"])["step"] == 4  # rewritten, verifies
 
 
-def test_a_stop_no_restart_can_fix_fails_at_once(clean_corpus_dir, tmp_path):
+def test_a_stop_no_restart_can_fix_fails_at_once(clean_corpus_dir, tmp_path, mlflow_server):
+    from mlflow import MlflowClient
     over = {"train.steps": 6, "checkpoint.every_steps": 1, "train.max_nonfinite": 1, "failure.max_failures": 3,
-            "failure.inject_nan_grad_at_step": 2}
+            "failure.inject_nan_grad_at_step": 2, "mlflow.tracking_uri": mlflow_server}
     summary = run_pretraining(cfg_for(clean_corpus_dir, tmp_path, "stop", **over))
     assert summary["status"] == "failed" and "non-finite gradient norm at step 2" in summary["error"]
+    run = MlflowClient(mlflow_server).get_run(summary["mlflow_run_id"])  # closed once, with the final status
+    assert run.info.status == "FAILED" and run.data.tags["audio_jepa.status"] == "failed"
     assert not (tmp_path / "stop" / "resumes").exists()  # no worker-group restart was spent on it
     assert [p.name for p in checkpoints(tmp_path, "stop")][-1] == "checkpoint_00000002"
 
