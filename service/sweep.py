@@ -128,9 +128,14 @@ def run_trial(params: dict, base: dict, sweep_name: str, parent_run_id: str | No
     cfg = trial_config(load_config(base), params, f"{sweep_name}-{ray.tune.get_context().get_trial_id()}")
     cfg.mlflow.registered_model = ""  # only the best trial is registered, by the sweep driver
     own = get_current_placement_group()
-    before = set(_job_placement_groups()) | ({own.id.hex()} if own else set())
+    try:
+        before = set(_job_placement_groups()) | ({own.id.hex()} if own else set())
+    except Exception as e:  # noqa: BLE001 - clean-up is a convenience, never a reason to fail the trial
+        print(f"placement groups not listed, no clean-up after this trial: {e}", flush=True)
+        before = None
     summary = run_pretraining(cfg, parent_run_id=parent_run_id, callbacks=[TuneReportCallback()])
-    _release_placement_groups(before, exclusive)
+    if before is not None:
+        _release_placement_groups(before, exclusive)
     m = summary.get("metrics", {})
     return {"final_step": summary.get("final_step") or 0, "status": summary["status"],
             "probe_score": m.get("probe_score", float("nan")), "collapsed": float(summary["status"] == "collapsed"),
@@ -142,10 +147,11 @@ def _job_placement_groups() -> list[str]:
     """Live placement groups created by this Ray job (this sweep), never another job's."""
     import ray
     from ray.util.state import list_placement_groups
-    job = ray.get_runtime_context().get_job_id()
+    ctx = ray.get_runtime_context()
+    # this cluster's address, never "auto": with two Rays on one machine auto-detection refuses to choose
     return [pg.placement_group_id for pg in list_placement_groups(
-        filters=[("creator_job_id", "=", job)], detail=True, limit=10_000, raise_on_missing_output=False)
-            if pg.state == "CREATED"]
+        address=ctx.gcs_address, filters=[("creator_job_id", "=", ctx.get_job_id())], detail=True, limit=10_000,
+        raise_on_missing_output=False) if pg.state == "CREATED"]
 
 
 def _release_placement_groups(before: set[str], exclusive: bool, wait_s: float = 20.0) -> None:
