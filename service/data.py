@@ -307,10 +307,11 @@ def plan_rows(batch: dict[str, np.ndarray], files, seed: int, start_epoch: int) 
 
     Passes are computed where they are read, never materialised: the driver holds one list of the
     files, whatever train.steps is."""
-    if id(files) not in _FILES:  # the listing, fetched once per worker process
+    key = files.hex() if isinstance(files, ray.ObjectRef) else id(files)  # each task gets a new ref object
+    if key not in _FILES:  # the listing, fetched once per worker process
         _FILES.clear()
-        _FILES[id(files)] = ray.get(files) if isinstance(files, ray.ObjectRef) else files
-    uris, keys = _FILES[id(files)]
+        _FILES[key] = ray.get(files) if isinstance(files, ray.ObjectRef) else files
+    uris, keys = _FILES[key]
     n = len(uris)
     ids = batch["id"].astype(np.int64)
     epochs = start_epoch + ids // n

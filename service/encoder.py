@@ -71,8 +71,8 @@ class AudioEncoder(torch.nn.Module):
         """sha256 of the encoder's weights and the settings that shape its embeddings: what caches key on
         (a URI or an alias may point at other weights tomorrow)."""
         import hashlib
-        h = hashlib.sha256(json.dumps({"features": self.cfg.to_dict()["features"],
-                                       "model": self.cfg.to_dict()["model"]}, sort_keys=True).encode())
+        d = self.cfg.to_dict()
+        h = hashlib.sha256(json.dumps({"features": d["features"], "model": d["model"]}, sort_keys=True).encode())
         for k, v in sorted(self.encoder.state_dict().items()):
             h.update(k.encode())
             h.update(v.detach().cpu().contiguous().numpy().tobytes())

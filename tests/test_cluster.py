@@ -17,7 +17,7 @@ import pytest
 from cluster.local import S3_SECRET
 from cluster.procs import descendants
 from conftest import upload_dir
-from test_security import http_status, listeners_of, loopback
+from test_security import http_status, listeners_of, listening_sockets, loopback
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,16 +42,7 @@ def read_env(state: Path) -> dict:
 
 def port_free(port: int) -> bool:
     """No socket LISTENs on the port (TIME_WAIT leftovers of clients do not count)."""
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            f = line.split()
-            if f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port:
-                return False
-    return True
+    return all(p != port for _, p in listening_sockets().values())
 
 
 def alive(pid: int) -> bool:
