@@ -42,8 +42,12 @@ def nonfinite_tensors(model, optimizer=None) -> list[str]:
 
 
 def save(directory: str | Path, cfg: Config, model, optimizer, step: int, epoch: int,
-         metrics: dict | None = None, skipped_steps: int = 0) -> Path:
-    """Write a complete checkpoint into `directory` (created; must be fresh or empty); refuses non-finite state."""
+         metrics: dict | None = None, skipped_steps: int = 0, data_position: int = 0,
+         data_digests: list[int] | None = None) -> Path:
+    """Write a complete checkpoint into `directory` (created; must be fresh or empty); refuses non-finite state.
+
+    `data_position`: clips each rank has consumed (a prepared corpus resumes there exactly);
+    `data_digests`: each rank's checksum of the clip ids it consumed, in order."""
     bad = nonfinite_tensors(model, optimizer)
     if bad:
         raise CheckpointError(f"refusing to checkpoint step {step}: non-finite values in {', '.join(bad[:5])}"
@@ -60,6 +64,8 @@ def save(directory: str | Path, cfg: Config, model, optimizer, step: int, epoch:
         "optimizer": optimizer.state_dict() if optimizer is not None else {},
         "torch_rng": torch.get_rng_state(),
         "skipped_steps": int(skipped_steps),
+        "data_position": int(data_position),
+        "data_digests": [int(d) for d in (data_digests or [])],
         "config": json.dumps(cfg.to_dict()),
     }
     tmp = d / (STATE + ".tmp")
@@ -68,7 +74,7 @@ def save(directory: str | Path, cfg: Config, model, optimizer, step: int, epoch:
     (d / CONFIG).write_text(to_yaml(cfg))
     metrics = {k: float(v) for k, v in (metrics or {}).items() if isinstance(v, (int, float))}
     (d / MARKER).write_text(json.dumps({"sha256": _sha256(d / STATE), "step": int(step), "epoch": int(epoch),
-                                        "metrics": metrics}))
+                                        "data_position": int(data_position), "metrics": metrics}))
     return d
 
 

@@ -63,20 +63,42 @@ class LogMel(nn.Module):
 
 
 @torch.no_grad()
-def logmel_stats(wavs, cfg: FeaturesConfig) -> dict[str, float] | None:
-    """`features.mean`/`std` of the raw log-mel over the real frames (never padding) of at most one clip
-    of each waveform; None when there are none.  The log floor of zero padding would inflate both."""
-    fe = LogMel(cfg, normalise=False)
-    total, total_sq, count = 0.0, 0.0, 0
-    for wav in wavs:
-        wav = wav[:cfg.clip_samples]
-        x = fe(torch.as_tensor(wav, dtype=torch.float32)[None])[0, :, :min(cfg.frames_for(len(wav)), cfg.n_frames)]
-        x = x.double()
-        total, total_sq, count = total + x.sum().item(), total_sq + x.pow(2).sum().item(), count + x.numel()
+def logmel_sums(wav, cfg: FeaturesConfig) -> tuple[float, float, int]:
+    """(sum, sum of squares, count) of the raw log-mel over the real frames (never padding) of at most one
+    clip of `wav`: partial sums that add up across files, tasks and machines."""
+    wav = wav[:cfg.clip_samples]
+    fe = _unnormalised(cfg)
+    x = fe(torch.as_tensor(wav, dtype=torch.float32)[None])[0, :, :min(cfg.frames_for(len(wav)), cfg.n_frames)]
+    x = x.double()
+    return x.sum().item(), x.pow(2).sum().item(), x.numel()
+
+
+def stats_from_sums(total: float, total_sq: float, count: int) -> dict[str, float] | None:
+    """`features.mean`/`std` from summed partials; None when there were no frames."""
     if count == 0:
         return None
     mean = total / count
     return {"features.mean": round(mean, 4), "features.std": round(max(total_sq / count - mean ** 2, 1e-12) ** 0.5, 4)}
+
+
+def logmel_stats(wavs, cfg: FeaturesConfig) -> dict[str, float] | None:
+    """`features.mean`/`std` of the raw log-mel over the real frames of at most one clip of each waveform
+    (None when there are none).  The log floor of zero padding would inflate both."""
+    sums = [0.0, 0.0, 0]
+    for wav in wavs:
+        sums = [a + b for a, b in zip(sums, logmel_sums(wav, cfg))]
+    return stats_from_sums(*sums)
+
+
+_UNNORMALISED: dict[str, "LogMel"] = {}
+
+
+def _unnormalised(cfg: FeaturesConfig) -> "LogMel":
+    """One raw front end per process and feature config (building one costs more than a clip)."""
+    key = repr(cfg)
+    if key not in _UNNORMALISED:
+        _UNNORMALISED[key] = LogMel(cfg, normalise=False)
+    return _UNNORMALISED[key]
 
 
 def fit_frames(x: torch.Tensor, n_frames: int) -> torch.Tensor:

@@ -106,11 +106,17 @@ def read_bytes(uri: str, endpoint: str | None = None, region: str | None = None,
 
 
 def write_bytes(uri: str, data: bytes, endpoint: str | None = None, region: str | None = None) -> None:
+    """Whole object, all or nothing: an S3 upload appears when complete; a local file is renamed into place."""
     fs, path = resolve(uri, endpoint, region)
-    if not is_remote(uri):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-    with fs.open_output_stream(path) as f:
+    if is_remote(uri):
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
         f.write(data)
+    os.replace(tmp, path)
 
 
 def ray_storage(uri: str, endpoint: str | None = None, region: str | None = None) -> tuple[str, pafs.FileSystem | None]:
