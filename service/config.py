@@ -97,6 +97,7 @@ class DataConfig:
     #                                 (too_long) from its header, before decoding: a tiny FLAC can hold hours
     max_read_error_fraction: float = 0.01  # fail when more files than this cannot be read after retries
     allow_outside_paths: bool = False  # manifests: paths outside the manifest's bucket/directory are refused
+    shuffle_blocks: int = 4         # prepared corpora: row groups shuffled together (the shuffle buffer)
 
     def validate(self) -> None:
         _check(self.features_in in ("pipeline", "trainer"), "data.features_in", self.features_in,
@@ -105,6 +106,7 @@ class DataConfig:
         _check(0 <= self.max_skip_fraction <= 1, "data.max_skip_fraction", self.max_skip_fraction, "in [0, 1]")
         _check(self.concurrency >= 0, "data.concurrency", self.concurrency, ">= 0")
         _check(self.short_audio in ("loop", "pad"), "data.short_audio", self.short_audio, "loop or pad")
+        _check(self.shuffle_blocks >= 1, "data.shuffle_blocks", self.shuffle_blocks, ">= 1")
         _check(self.max_decoded_mb > 0, "data.max_decoded_mb", self.max_decoded_mb, "> 0")
         _check(0 <= self.max_read_error_fraction <= 1, "data.max_read_error_fraction", self.max_read_error_fraction,
                "in [0, 1]")
@@ -364,7 +366,7 @@ class Config:
 
 SHAPING_SECTIONS = ("features", "model", "masking", "ema", "loss", "optim")
 SHAPING_TRAIN_KEYS = ("steps", "batch_size")
-SHAPING_DATA_KEYS = ("short_audio", "trim_silence", "crops_per_file", "min_seconds")
+SHAPING_DATA_KEYS = ("short_audio", "trim_silence", "crops_per_file", "min_seconds", "shuffle_blocks")
 # keys that moved: old dotted key -> new one (refused with a message naming the new key)
 MOVED_KEYS = {"data.s3_endpoint": "storage.s3_endpoint", "data.s3_region": "storage.s3_region"}
 

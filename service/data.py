@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import posixpath
+import zlib
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -210,7 +211,7 @@ def write_skipped_csv(skipped: list[tuple[str, str, str]], path: str) -> str:
 _FRONTENDS: dict[str, LogMel] = {}
 
 
-def _frontend(cfg: FeaturesConfig) -> LogMel:
+def frontend(cfg: FeaturesConfig) -> LogMel:
     """One LogMel per process and feature config (building it costs more than a batch)."""
     key = repr(cfg)
     if key not in _FRONTENDS:
@@ -228,7 +229,7 @@ def clips_from_files(batch: dict[str, np.ndarray], features: FeaturesConfig, dat
     """Ray Data map_batches UDF: a batch of (uri, key, epoch) rows -> a batch of clip rows."""
     torch.set_num_threads(1)
     clip_len = features.clip_samples
-    waves, epochs, skipped = [], [], []
+    waves, epochs, ids, skipped = [], [], [], []
     uris, keys, eps = batch["uri"], batch["key"], batch["epoch"]
     for uri, key, epoch in zip(uris, keys, eps):
         uri, key, epoch = str(uri), str(key), int(epoch)
@@ -250,16 +251,17 @@ def clips_from_files(batch: dict[str, np.ndarray], features: FeaturesConfig, dat
         for c in crops(wav, clip_len, data.crops_per_file, crop_rng(seed, epoch, key), data.short_audio):
             waves.append(c)
             epochs.append(epoch)
+            ids.append(zlib.crc32(key.encode()))
     if ledger is not None:
         ray.get(ledger.record.remote([str(u) for u in uris], len(waves), skipped))  # counted before the rows go on
     if data.features_in == "trainer":
         x = np.stack(waves) if waves else np.zeros((0, clip_len), np.float32)
     elif waves:
-        fe = _frontend(features)
+        fe = frontend(features)
         x = fe(torch.from_numpy(np.stack(waves))).numpy()
     else:
         x = np.zeros((0, features.n_mels, features.n_frames), np.float32)
-    return {"x": x, "epoch": np.asarray(epochs, dtype=np.int64)}
+    return {"x": x, "epoch": np.asarray(epochs, dtype=np.int64), "clip": np.asarray(ids, dtype=np.int64)}
 
 
 def measure_stats(cfg: Config, listing: Listing) -> dict[str, float]:
@@ -319,24 +321,35 @@ def plan_rows(batch: dict[str, np.ndarray], files, seed: int, start_epoch: int) 
     return {"uri": uris[idx], "key": keys[idx], "epoch": epochs}
 
 
-def build_dataset(cfg: Config, listing: Listing, ledger=None, passes: int | None = None,
+def put_listing(listing: Listing) -> tuple["ray.ObjectRef", int]:
+    """The listing's URIs and keys in the object store, once: (ref, number of files)."""
+    return ray.put((np.array([f.uri for f in listing.files], dtype=object),
+                    np.array([f.key for f in listing.files], dtype=object))), len(listing.files)
+
+
+def decode_memory(data: DataConfig) -> int:
+    """Bytes one decode task may hold: the object, the decoded file, its resampled copy.  Declared to Ray
+    so that a node never runs more of them than its memory holds (no OOM-kill and retry loop)."""
+    return int((data.max_file_mb + 2 * data.max_decoded_mb) * 2 ** 20)
+
+
+def build_dataset(cfg: Config, listing: "Listing | tuple", ledger=None, passes: int | None = None,
                   start_epoch: int = 0) -> "ray.data.Dataset":
-    """The streaming clip dataset for `passes` passes over the listing, each in its own order."""
+    """The streaming clip dataset for `passes` passes over the listing (or `put_listing`'s result), each in
+    its own order, from pass `start_epoch` on."""
     quiet_ray_data()  # here, so that datasets built in a sweep's trial process are quiet too
-    n = len(listing.files)
-    passes = passes or passes_needed(cfg, n)
-    files = ray.put((np.array([f.uri for f in listing.files], dtype=object),
-                     np.array([f.key for f in listing.files], dtype=object)))
+    files, n = listing if isinstance(listing, tuple) else put_listing(listing)
+    passes = passes or max(1, passes_needed(cfg, n) - start_epoch)
     total = passes * n
     ds = ray.data.range(total, override_num_blocks=max(1, min(total // 8, 4096)))
     ds = ds.map_batches(plan_rows, batch_size=4, batch_format="numpy",
                         fn_kwargs=dict(files=files, seed=cfg.seed, start_epoch=start_epoch), num_cpus=1,
-                        concurrency=cfg.data.concurrency or None)
-    return ds.map_batches(clips_from_files, batch_size=4, batch_format="numpy",
+                        memory=decode_memory(cfg.data), concurrency=cfg.data.concurrency or None)  # fuses with:
+    return ds.map_batches(clips_from_files, batch_size=4, batch_format="numpy", memory=decode_memory(cfg.data),
                           fn_kwargs=dict(features=cfg.features, data=cfg.data, storage=cfg.storage, seed=cfg.seed,
                                          ledger=ledger),
                           num_cpus=1, concurrency=cfg.data.concurrency or None)
 
 
 __all__ = ["Listing", "DataLedger", "DataSourceError", "list_source", "build_dataset", "clips_from_files",
-           "epoch_order", "check_skips", "passes_needed", "quiet_ray_data", "measure_stats"]
+           "epoch_order", "check_skips", "passes_needed", "quiet_ray_data", "measure_stats", "put_listing"]

@@ -12,6 +12,8 @@ import os
 import signal
 import tempfile
 import time
+import zlib
+from functools import partial
 
 import numpy as np
 import torch
@@ -74,10 +76,20 @@ def agree(value: float, op: str, device) -> float:
     import torch.distributed as dist
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return float(value)
-    t = torch.tensor([float(value)], device=device)
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
     dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "mean": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN,
                            "max": dist.ReduceOp.MAX}[op])
     return t.item() / (dist.get_world_size() if op == "mean" else 1)
+
+
+def gather(value: int, device) -> list[int]:
+    """Every rank's integer, in rank order (a one-element list on a single worker)."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [int(value)]
+    out = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, torch.tensor([int(value)], dtype=torch.int64, device=device))
+    return [int(v.item()) for v in out]
 
 
 def constant_fraction(patches: torch.Tensor, idx: torch.Tensor) -> float:
@@ -127,6 +139,7 @@ class WorkerRun:
         self.core = AudioJEPA(cfg).to(self.device)
         self.opt = build_optimizer(self.core, cfg.optim)
         self.step, self.epoch, self.resume_record, self.skipped_steps = 0, 0, None, 0
+        self.data_position, self.data_digest = 0, 0  # clips this rank consumed; crc32 chain of their ids
         self._restore(ray.train.get_checkpoint())
         self.model = ray.train.torch.prepare_model(self.core) if self.world > 1 else self.core
         self.trainable = [p for p in self.core.parameters() if p.requires_grad]
@@ -137,7 +150,9 @@ class WorkerRun:
         self.masks = MaskGenerator(cfg.masking, cfg.features.grid)
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
                          else torch.autocast("cpu", enabled=False))
-        self.stream = self._batches(ray.train.get_dataset_shard("train"))
+        self.prepared = bool(loop_cfg.get("prepared"))
+        self.stream = (self._corpus_batches(ray.train.get_dataset_shard(f"train.{self.rank}")) if self.prepared
+                       else self._batches(ray.train.get_dataset_shard("train")))
         self.probe = self._probe() if cfg.probe.task and self.rank == 0 else None
         self.probe_last = 0.0 if cfg.probe.task else None
         self.window, self.nonfinite, self.collapsed, self.last_h = Window(), 0, False, None
@@ -163,6 +178,9 @@ class WorkerRun:
             say(f"falling back to {uri}", flush=True)
         self.step, self.epoch = ckpt.restore(state, self.core, self.opt)
         self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.data_position = int(state.get("data_position", 0))
+        digests = state.get("data_digests") or []
+        self.data_digest = int(digests[self.rank]) if len(digests) == self.world else 0
         if self.rank == 0:
             print(f"resumed from checkpoint at step {self.step}", flush=True)
             self.resume_record = {"step": self.step, "epoch": self.epoch,
@@ -179,6 +197,21 @@ class WorkerRun:
             if not got:
                 raise RuntimeError("the dataset produced no full batch: every file was skipped or "
                                    f"there are fewer than {self.per_worker} clips")
+
+    def _corpus_batches(self, shard):
+        """A prepared corpus's stream: it starts where the checkpoint Ray Train restored left it (the
+        dataset factory read the same checkpoint); batches before that are dropped, a gap is an error."""
+        for b in shard.iter_torch_batches(batch_size=self.per_worker, drop_last=True, prefetch_batches=2,
+                                          device=str(self.device)):
+            first = int(b["pos"][0])
+            if first < self.data_position:
+                continue
+            if first > self.data_position:
+                raise RunStopped(f"rank {self.rank}: the data stream starts at clip {first} but the restored "
+                                 f"checkpoint consumed {self.data_position}; resubmit the run")
+            yield b
+        raise RunStopped(f"rank {self.rank}: the prepared corpus stream ended at clip {self.data_position} "
+                         f"before step {self.total}")
 
     def _probe(self):
         from service.probe import TrainingProbe
@@ -200,6 +233,8 @@ class WorkerRun:
         t_wait = time.time()
         batch = next(self.stream)
         self.window.wait += time.time() - t_wait
+        self.data_position += self.per_worker
+        self.data_digest = zlib.crc32(batch["clip"].cpu().numpy().astype("<i8").tobytes(), self.data_digest)
         x = batch["x"].float()
         self.epoch = int(batch["epoch"][-1])
         with torch.no_grad():
@@ -259,8 +294,11 @@ class WorkerRun:
         c = self.cfg
         metrics = {"loss": float("nan"), "grad_norm": float("nan"), "mask_ratio": float("nan"),  # window all skipped
                    **self.window.metrics(), **self.sched, "tau": tau_at(self.step, self.total, c.ema),
-                   "epoch": self.epoch, "step": self.step, "skipped_steps": self.skipped_steps, **collapse_stats(h)}
+                   "epoch": self.epoch, "step": self.step, "skipped_steps": self.skipped_steps,
+                   "data_position": self.data_position, **collapse_stats(h)}
         metrics["loss"] = agree(metrics["loss"], "mean", self.device)
+        # one number for "which clips, in which order, on which rank": equal runs, equal digest
+        metrics["data_digest"] = agree(self.data_digest * (self.rank + 1), "sum", self.device)
         self.window = Window()
         if c.train.min_erank > 0:  # collapse: any rank's target embeddings below the rank floor
             self.collapsed = agree(float(metrics["target_erank"] < c.train.min_erank), "max", self.device) > 0
@@ -326,11 +364,12 @@ class WorkerRun:
         if agree(float(bool(bad)), "max", self.device) > 0:
             raise RunStopped(f"step {self.step}: non-finite values in {', '.join(bad[:3]) or 'another rank'}; "
                              "not checkpointed (the previous checkpoint stays the latest)")
+        digests = gather(self.data_digest, self.device)
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if self.rank == 0:
                 ckpt.save(tmp, self.cfg, self.core, self.opt, self.step, self.epoch, metrics=metrics,
-                          skipped_steps=self.skipped_steps)
+                          skipped_steps=self.skipped_steps, data_position=self.data_position, data_digests=digests)
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{self.step:08d}")
 
@@ -386,17 +425,24 @@ def run_pretraining(cfg: Config, progress=print, parent_run_id: str | None = Non
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from service.data import (DataLedger, DataSourceError, build_dataset, check_skips, list_source, skip_summary,
-                              write_skipped_csv)
+    from service import corpus as prepared_corpus
+    from service.data import (DataLedger, DataSourceError, check_skips, list_source, put_listing,
+                              skip_summary, write_skipped_csv)
 
     if not cfg.data.source:
         raise DataSourceError("data.source is empty: pass --set data.source=s3://bucket/prefix (or a dir/manifest)")
-    listing = list_source(cfg)
-    progress(f"data: {len(listing.files)} audio files in {cfg.data.source} "
-             f"({listing.ignored_by_extension} other files ignored, {len(listing.too_large)} too large)")
+    corpus, listing = None, None
+    if prepared_corpus.is_corpus(cfg.data.source, cfg.storage):
+        corpus = prepared_corpus.load_corpus(cfg.data.source, cfg)
+        progress(f"data: prepared corpus {cfg.data.source}: {corpus['files']} files, {corpus['segments']} segments, "
+                 f"{corpus['hours']:.2f} h ({sum(corpus['skipped'].values())} files skipped when it was prepared)")
+    else:
+        listing = list_source(cfg)
+        progress(f"data: {len(listing.files)} audio files in {cfg.data.source} "
+                 f"({listing.ignored_by_extension} other files ignored, {len(listing.too_large)} too large)")
     previous = _previous_config(cfg)
     if cfg.features.mean is None:
-        cfg = cfg.with_overrides(_normalisation_stats(cfg, previous, listing, progress))
+        cfg = cfg.with_overrides(_normalisation_stats(cfg, previous, listing, corpus, progress))
     changes = previous.shaping_changes(cfg) if previous is not None else {}
     if changes and not cfg.resume.allow_config_change:
         raise ConfigError(f"run '{cfg.run_name}' in {cfg.checkpoint.storage_path} has checkpoints trained with "
@@ -404,8 +450,20 @@ def run_pretraining(cfg: Config, progress=print, parent_run_id: str | None = Non
                           + "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
                           + ". Resubmit with the run's config, use a new run_name, or set "
                           "resume.allow_config_change=true (the change is then recorded on the MLflow run).")
-    ledger = DataLedger.remote(len(listing.files) + len(listing.too_large), [f.uri for f in listing.too_large])
-    dataset = build_dataset(cfg, listing, ledger)
+    # datasets are factories: Ray Train calls them at every worker-group start, so after a failure the
+    # stream is rebuilt from the checkpoint being restored (a prepared corpus: exactly there; raw: its pass)
+    if corpus is not None:
+        ledger = DataLedger.remote(corpus["listed"], [])
+        blocks = ray.put(corpus["blocks"])
+        datasets = {f"train.{r}": partial(_corpus_dataset, cfg, corpus["segment_seconds"], blocks, r, ledger)
+                    for r in range(cfg.train.workers)}
+        ingest = ray.train.DataConfig.default_ingest_options()
+        ingest.preserve_order = True  # each rank's clip sequence is a function of the seed
+        data_config = ray.train.DataConfig(datasets_to_split=[], execution_options={k: ingest for k in datasets})
+    else:
+        ledger = DataLedger.remote(len(listing.files) + len(listing.too_large), [f.uri for f in listing.too_large])
+        datasets = {"train": partial(_raw_dataset, cfg, put_listing(listing), ledger)}
+        data_config = ray.train.DataConfig()
     run_id = tracking.start_or_resume(cfg, parent_run_id=parent_run_id)
     if changes:
         progress("resuming with a changed config (resume.allow_config_change): "
@@ -416,7 +474,8 @@ def run_pretraining(cfg: Config, progress=print, parent_run_id: str | None = Non
 
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "mlflow_run_id": run_id, "tracking_uri": uri, "ledger": ledger},
+        train_loop_config={"config": cfg.to_dict(), "mlflow_run_id": run_id, "tracking_uri": uri, "ledger": ledger,
+                           "prepared": corpus is not None},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.workers, use_gpu=cfg.train.use_gpu,
                                                resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
         run_config=ray.train.RunConfig(
@@ -425,7 +484,7 @@ def run_pretraining(cfg: Config, progress=print, parent_run_id: str | None = Non
             failure_config=ray.train.FailureConfig(max_failures=cfg.failure.max_failures),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
             callbacks=callbacks or None),
-        datasets={"train": dataset},
+        datasets=datasets, dataset_config=data_config,
     )
     status, error = "succeeded", None
     try:
@@ -440,7 +499,9 @@ def run_pretraining(cfg: Config, progress=print, parent_run_id: str | None = Non
         "status": status, "run_name": cfg.run_name, "mlflow_run_id": run_id,
         "final_step": None, "checkpoint": None, "metrics": {},
         "data": {"files": totals["files"], "clips": totals["clips"], "skipped": totals["skipped"],
-                 "skipped_examples": totals["examples"]},
+                 "skipped_examples": totals["examples"]} if corpus is None else
+                {"files": corpus["listed"], "clips": totals["clips"], "skipped": corpus["skipped"],
+                 "skipped_examples": corpus["skipped_examples"], "prepared": cfg.data.source},
         "error": fatal or (None if error is None else f"{type(error).__name__}: {error}"),
     }
     if fatal:
@@ -457,12 +518,13 @@ def run_pretraining(cfg: Config, progress=print, parent_run_id: str | None = Non
         problem = check_skips(totals, cfg.data)
         if problem:
             summary.update(status="failed", error=problem)
-    skipped = ray.get(ledger.skipped_files.remote())
-    if skipped:
+    skipped = ray.get(ledger.skipped_files.remote()) if corpus is None else \
+        [tuple(row) for row in corpus["skipped_files"]]
+    if skipped and corpus is None:
         progress(skip_summary(totals))
     if uri and run_id:
         with tempfile.TemporaryDirectory() as tmp:
-            files = [_mask_picture(cfg, listing, os.path.join(tmp, "masks.png"))]
+            files = [_mask_picture(cfg, listing, corpus, os.path.join(tmp, "masks.png"))]
             if skipped:
                 files.append(write_skipped_csv(skipped, os.path.join(tmp, "skipped.csv")))
             tracking.close_run(cfg, run_id, summary["status"], summary["checkpoint"], summary["data"],
@@ -479,11 +541,51 @@ def _previous_config(cfg: Config) -> Config | None:
     return config_from_dict(yaml.safe_load(read_bytes(join(found, ckpt.CONFIG), cfg.storage.s3_endpoint)))
 
 
-def _normalisation_stats(cfg: Config, previous: Config | None, listing, progress) -> dict[str, float]:
-    """features.mean/std: the resumed run's own (from its latest checkpoint), else measured on the data."""
+def _resume_point(cfg: Config) -> dict:
+    """Marker of the run's newest verified checkpoint ({} when none): where a rebuilt stream starts.  The
+    factories of one worker-group start share one look-up (cached while the checkpoint list is unchanged)."""
+    key = (cfg.run_dir, tuple(ckpt.checkpoint_dirs(cfg)))
+    if key not in _RESUME_POINTS:
+        found = ckpt.latest_checkpoint(cfg)
+        _RESUME_POINTS.clear()
+        _RESUME_POINTS[key] = json.loads(read_bytes(join(found, ckpt.MARKER), cfg.storage.s3_endpoint,
+                                                    cfg.storage.s3_region)) if found else {}
+    return _RESUME_POINTS[key]
+
+
+_RESUME_POINTS: dict = {}
+
+
+def _corpus_dataset(cfg: Config, segment_seconds: float, blocks, rank: int, ledger):
+    """Rank's stream over a prepared corpus from the restored checkpoint's data position to the end of the run."""
+    import ray
+    from service.corpus import rank_dataset
+    from service.data import quiet_ray_data
+    quiet_ray_data()
+    per_worker = cfg.train.batch_size // cfg.train.workers
+    start = int(_resume_point(cfg).get("data_position", 0))
+    return rank_dataset(cfg, {"segment_seconds": segment_seconds, "blocks": ray.get(blocks)}, blocks, rank, cfg.train.workers, start,
+                        max(cfg.train.steps * per_worker, start + per_worker), ledger)
+
+
+def _raw_dataset(cfg: Config, files, ledger):
+    """The raw-source stream, starting at the pass of the checkpoint being restored."""
+    from service.data import build_dataset
+    return build_dataset(cfg, files, ledger, start_epoch=int(_resume_point(cfg).get("epoch", 0)))
+
+
+def _normalisation_stats(cfg: Config, previous: Config | None, listing, corpus, progress) -> dict[str, float]:
+    """features.mean/std: the resumed run's own (from its latest checkpoint), else the prepared corpus's,
+    else measured on the data."""
     from service.data import measure_stats
     if previous is not None and previous.features.mean is not None:
         return {"features.mean": previous.features.mean, "features.std": previous.features.std}
+    if corpus is not None:
+        if not corpus.get("stats"):
+            raise ConfigError(f"{cfg.data.source}: the corpus has no log-mel statistics; set features.mean/std")
+        progress(f"features: log-mel mean {corpus['stats']['features.mean']} std {corpus['stats']['features.std']} "
+                 "from the prepared corpus")
+        return corpus["stats"]
     t0 = time.time()
     stats = measure_stats(cfg, listing)
     progress(f"features: log-mel mean {stats['features.mean']} std {stats['features.std']} measured on real frames "
@@ -491,10 +593,10 @@ def _normalisation_stats(cfg: Config, previous: Config | None, listing, progress
     return stats
 
 
-def _mask_picture(cfg: Config, listing, path: str) -> str | None:
+def _mask_picture(cfg: Config, listing, corpus, path: str) -> str | None:
     """The run's mask geometry drawn on the first decodable clip of its source (a convenience: never fails)."""
     try:
-        wav = _example_clip(cfg, listing)
+        wav = _example_clip(cfg, listing, corpus)
         if wav is None:
             return None
         fc = cfg.features
@@ -505,14 +607,20 @@ def _mask_picture(cfg: Config, listing, path: str) -> str | None:
         return None
 
 
-def _example_clip(cfg: Config, listing):
+def _example_clip(cfg: Config, listing, corpus):
     """The first decodable clip of the source, for the mask-geometry picture."""
     from service.audio import Skip, crop_rng, crops, decode
-    for f in listing.files[:20]:
-        try:
-            wav = decode(read_bytes(f.uri, cfg.storage.s3_endpoint, cfg.storage.s3_region), cfg.features.sample_rate,
-                         trim=cfg.data.trim_silence)
-        except (Skip, OSError):
-            continue
-        return crops(wav, cfg.features.clip_samples, 1, crop_rng(cfg.seed, 0, f.key), cfg.data.short_audio)[0]
-    return None
+    if corpus is not None:
+        from service.corpus import example_segment
+        wavs = [example_segment(cfg, corpus)]
+    else:
+        wavs = []
+        for f in listing.files[:20]:
+            try:
+                wavs = [decode(read_bytes(f.uri, cfg.storage.s3_endpoint, cfg.storage.s3_region),
+                               cfg.features.sample_rate, trim=cfg.data.trim_silence)]
+            except (Skip, OSError):
+                continue
+            break
+    return crops(wavs[0], cfg.features.clip_samples, 1, crop_rng(cfg.seed, 0, "example"), cfg.data.short_audio)[0] \
+        if wavs else None

@@ -1,4 +1,5 @@
-"""Ray Train DDP pretraining: 2-worker run, checkpoints, fault injection + exact resume, resubmission."""
+"""Ray Train DDP pretraining: 2-worker run, checkpoints, fault injection + exact resume (model and data),
+resubmission of finished and failed runs."""
 import json
 from pathlib import Path
 
@@ -25,61 +26,77 @@ def checkpoints(storage: Path, name: str) -> list[Path]:
     return sorted(p for p in (storage / name).glob("checkpoint_*") if (p / ckpt.MARKER).exists())
 
 
+def expected_digests(cfg, corpus_dir: Path, steps: list[int]) -> dict[int, float]:
+    """What `data_digest` must read at each step if every rank consumed exactly its stream's clips in order."""
+    import zlib
+
+    import numpy as np
+
+    from service.corpus import clip_ids, load_corpus
+    corpus, per = load_corpus(str(corpus_dir), cfg), cfg.train.batch_size // cfg.train.workers
+    out = {}
+    for r in range(cfg.train.workers):
+        ids, d = clip_ids(cfg, corpus, r, cfg.train.workers, max(steps) * per), 0
+        for s in range(max(steps)):
+            d = zlib.crc32(np.asarray(ids[s * per:(s + 1) * per], dtype="<i8").tobytes(), d)
+            if s + 1 in steps:
+                out[s + 1] = out.get(s + 1, 0) + d * (r + 1)
+    return out
+
+
 def test_fault_injection_resumes_exactly_and_resubmission_continues(clean_corpus_dir, tmp_path):
-    over = {"train.workers": 2, "train.steps": 30, "checkpoint.every_steps": 10, "checkpoint.keep": 10,
-            "failure.inject_kill_at_step": 15, "failure.inject_kill_rank": 1, "failure.max_failures": 2}
-    cfg = cfg_for(clean_corpus_dir, tmp_path, "fault", **over)
+    """A 2-worker run from a prepared corpus, one worker killed mid-pass: the model state and the data
+    position resume exactly (every checkpoint's clip digest is what an uninterrupted stream gives)."""
+    from service.corpus import PrepareOptions, prepare
+    corpus = tmp_path / "corpus"
+    prepare(load_config("tiny", [f"data.source={clean_corpus_dir}"]), str(corpus),
+            PrepareOptions(segment_seconds=1.0, row_group=2, task_files=2))
+    over = {"train.workers": 2, "train.steps": 12, "checkpoint.every_steps": 4, "checkpoint.keep": 10,
+            "failure.inject_kill_at_step": 6, "failure.inject_kill_rank": 1, "failure.max_failures": 2,
+            "data.shuffle_blocks": 2}
+    cfg = cfg_for(corpus, tmp_path, "fault", **over)
     summary = run_pretraining(cfg)
     # a 2-worker CPU run completes and checkpoints, with every metric
     assert summary["status"] == "succeeded", summary["error"]
-    assert summary["final_step"] == 30
+    assert summary["final_step"] == 12
     state = ckpt.load_state(summary["checkpoint"])
-    assert state["step"] == 30 and ckpt.config_of(state).train.workers == 2
+    assert state["step"] == 12 and ckpt.config_of(state).train.workers == 2
     m = summary["metrics"]
     for key in ("loss", "lr", "wd", "tau", "grad_norm", "mask_ratio", "clips_per_s", "data_wait_fraction",
-                "target_std", "target_erank"):
+                "target_std", "target_erank", "data_position", "data_digest"):
         assert key in m, key
     assert m["tau"] == pytest.approx(cfg.ema.tau_end)  # tau reaches its end value at the last step
     assert m["skipped_steps"] == 0  # no rehearsal knob set: no step skipped
     assert m["target_silence_fraction"] == 0.0  # short files are looped, never zero-padded
-    assert ckpt.config_of(state).features.mean is not None  # the measured normalisation is in the checkpoint
+    assert ckpt.config_of(state).features.mean is not None  # the corpus's normalisation is in the checkpoint
     assert summary["data"]["files"] == 6 and summary["data"]["skipped"] == {}
+    assert summary["data"]["prepared"] == str(corpus)
     # the injected failure happened and was recovered from
-    assert (tmp_path / "fault" / "fault_injected_at_step_15").exists()
+    assert (tmp_path / "fault" / "fault_injected_at_step_6").exists()
     resumes = [json.loads(p.read_text()) for p in sorted((tmp_path / "fault" / "resumes").glob("*.json"))]
-    assert [r["step"] for r in resumes] == [10], resumes
+    assert [r["step"] for r in resumes] == [4], resumes
     # the restored state equals the checkpoint it came from: weights, optimiser, step, tau
-    state = ckpt.load_state(tmp_path / "fault" / "checkpoint_00000010")
+    state = ckpt.load_state(tmp_path / "fault" / "checkpoint_00000004")
     model = AudioJEPA(cfg)
     opt = build_optimizer(model, cfg.optim)
     step, _ = ckpt.restore(state, model, opt)
     expected = ckpt.fingerprint(model, opt)
     for k, v in expected.items():
         assert resumes[0][k] == pytest.approx(v, rel=1e-9, abs=1e-9), k
-    assert resumes[0]["tau"] == pytest.approx(tau_at(10, 30, cfg.ema)) and step == 10
-    # the run's history was not restarted: checkpoints 10, 20, 30 exist once each
-    assert [p.name for p in checkpoints(tmp_path, "fault")] == [f"checkpoint_{s:08d}" for s in (10, 20, 30)]
+    assert resumes[0]["tau"] == pytest.approx(tau_at(4, 12, cfg.ema)) and step == 4
+    # the run's history was not restarted: checkpoints 4, 8, 12 exist once each
+    assert [p.name for p in checkpoints(tmp_path, "fault")] == [f"checkpoint_{s:08d}" for s in (4, 8, 12)]
+    # the data resumed exactly: each rank consumed exactly its stream, no clip replayed or skipped
+    marks = {int(p.name[-8:]): json.loads((p / ckpt.MARKER).read_text()) for p in checkpoints(tmp_path, "fault")}
+    assert {s: mk["data_position"] for s, mk in marks.items()} == {4: 16, 8: 32, 12: 48}
+    assert {s: mk["metrics"]["data_digest"] for s, mk in marks.items()} == expected_digests(cfg, corpus, [4, 8, 12])
 
-    # resubmitting the finished run name resumes from step 30 and trains nothing more
-    again = run_pretraining(cfg_for(clean_corpus_dir, tmp_path, "fault", **over))
-    assert again["status"] == "succeeded" and again["final_step"] == 30
+    # resubmitting the finished run name resumes from step 12 and trains nothing more
+    again = run_pretraining(cfg_for(corpus, tmp_path, "fault", **over))
+    assert again["status"] == "succeeded" and again["final_step"] == 12
     resumes = sorted(json.loads(p.read_text())["step"] for p in (tmp_path / "fault" / "resumes").glob("*.json"))
-    assert resumes == [10, 30]
-    assert [p.name for p in checkpoints(tmp_path, "fault")][-1] == "checkpoint_00000030"
-
-
-def test_resubmitting_a_crashed_run_resumes(clean_corpus_dir, tmp_path):
-    # first submission dies for good at step 12 (no retries left) after checkpointing step 10
-    over = {"train.steps": 20, "checkpoint.every_steps": 10, "failure.max_failures": 0,
-            "failure.inject_kill_at_step": 12}
-    crashed = run_pretraining(cfg_for(clean_corpus_dir, tmp_path, "crash", **over))
-    assert crashed["status"] == "failed"
-    assert [p.name for p in checkpoints(tmp_path, "crash")] == ["checkpoint_00000010"]
-    resumed = run_pretraining(cfg_for(clean_corpus_dir, tmp_path, "crash", **over))
-    assert resumed["status"] == "succeeded", resumed["error"]
-    assert resumed["final_step"] == 20
-    steps = [json.loads(p.read_text())["step"] for p in (tmp_path / "crash" / "resumes").glob("*.json")]
-    assert steps == [10]
+    assert resumes == [4, 12]
+    assert [p.name for p in checkpoints(tmp_path, "fault")][-1] == "checkpoint_00000012"
 
 
 def test_incomplete_checkpoint_is_refused(tmp_path):
@@ -132,6 +149,11 @@ def test_a_stop_no_restart_can_fix_fails_at_once(clean_corpus_dir, tmp_path, mlf
     assert run.info.status == "FAILED" and run.data.tags["audio_jepa.status"] == "failed"
     assert not (tmp_path / "stop" / "resumes").exists()  # no worker-group restart was spent on it
     assert [p.name for p in checkpoints(tmp_path, "stop")][-1] == "checkpoint_00000002"
+    # resubmitting the failed run (the fault fixed) resumes from its last checkpoint and finishes
+    fixed = {**over, "failure.inject_nan_grad_at_step": 0}
+    resumed = run_pretraining(cfg_for(clean_corpus_dir, tmp_path, "stop", **fixed))
+    assert resumed["status"] == "succeeded", resumed["error"]
+    assert resumed["final_step"] == 6 and resume_steps(tmp_path, "stop") == [2]
 
 
 def test_nonfinite_state_is_never_checkpointed(tmp_path):
