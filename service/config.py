@@ -47,6 +47,11 @@ class FeaturesConfig:
         return int(round(self.sample_rate * self.hop_ms / 1000))
 
     @property
+    def n_fft(self) -> int:
+        """FFT size: the window zero-padded to twice the next power of two (no empty low mel filters)."""
+        return 2 << (self.win_length - 1).bit_length()
+
+    @property
     def clip_samples(self) -> int:
         """Samples that give exactly n_frames frames (no centre padding)."""
         return (self.n_frames - 1) * self.hop_length + self.win_length
@@ -97,6 +102,7 @@ class DataConfig:
     #                                 (too_long) from its header, before decoding: a tiny FLAC can hold hours
     max_read_error_fraction: float = 0.01  # fail when more files than this cannot be read after retries
     allow_outside_paths: bool = False  # manifests: paths outside the manifest's bucket/directory are refused
+    seek_above_mb: float = 64.0     # raw sources: larger objects are read around their crop windows only (seek)
     shuffle_blocks: int = 4         # prepared corpora: row groups shuffled together (the shuffle buffer)
 
     def validate(self) -> None:
@@ -106,6 +112,7 @@ class DataConfig:
         _check(0 <= self.max_skip_fraction <= 1, "data.max_skip_fraction", self.max_skip_fraction, "in [0, 1]")
         _check(self.concurrency >= 0, "data.concurrency", self.concurrency, ">= 0")
         _check(self.short_audio in ("loop", "pad"), "data.short_audio", self.short_audio, "loop or pad")
+        _check(self.seek_above_mb > 0, "data.seek_above_mb", self.seek_above_mb, "> 0")
         _check(self.shuffle_blocks >= 1, "data.shuffle_blocks", self.shuffle_blocks, ">= 1")
         _check(self.max_decoded_mb > 0, "data.max_decoded_mb", self.max_decoded_mb, "> 0")
         _check(0 <= self.max_read_error_fraction <= 1, "data.max_read_error_fraction", self.max_read_error_fraction,

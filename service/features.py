@@ -27,12 +27,13 @@ class LogMel(nn.Module):
             raise ValueError("features.mean/std are not set: a run measures them from its data at start "
                              "(service.data.measure_stats), or set them in the config")
         self.cfg, self.normalise = cfg, normalise
-        n_fft = 2 << (cfg.win_length - 1).bit_length()  # 2x zero-padding: no empty low mel filters
-        self.mel = torchaudio.transforms.MelSpectrogram(
-            sample_rate=cfg.sample_rate, n_fft=n_fft, win_length=cfg.win_length,
-            hop_length=cfg.hop_length, n_mels=cfg.n_mels, center=False, power=2.0,
-            f_min=20.0, f_max=cfg.sample_rate / 2, mel_scale="htk",
-        )
+        n_fft = cfg.n_fft
+        # complex STFT, then |z|^2 as re^2 + im^2: torchaudio's power=2 takes abs() (a sqrt) and squares it
+        # again, which was a third of the front end's time
+        self.stft = torchaudio.transforms.Spectrogram(n_fft=n_fft, win_length=cfg.win_length,
+                                                      hop_length=cfg.hop_length, center=False, power=None)
+        self.mel = torchaudio.transforms.MelScale(n_mels=cfg.n_mels, sample_rate=cfg.sample_rate, f_min=20.0,
+                                                  f_max=cfg.sample_rate / 2, n_stft=n_fft // 2 + 1, mel_scale="htk")
 
     def _kaldi(self, wav: torch.Tensor) -> torch.Tensor:
         c = self.cfg
@@ -55,9 +56,10 @@ class LogMel(nn.Module):
         else:
             # the window sits centred in n_fft: pad so that frame i covers samples [i*hop, i*hop + win)
             # exactly, giving frames_for(samples) frames (without it the last 4 frames of a clip were filler)
-            extra = self.mel.spectrogram.n_fft - self.cfg.win_length
+            extra = self.stft.n_fft - self.cfg.win_length
             wav = torch.nn.functional.pad(wav, (extra // 2, extra - extra // 2))
-            x = torch.log(self.mel(wav).clamp_min(LOG_FLOOR))
+            power = torch.view_as_real(self.stft(wav)).pow(2).sum(-1)
+            x = torch.log(self.mel(power).clamp_min(LOG_FLOOR))
         x = fit_frames(x, self.cfg.n_frames)
         return (x - self.cfg.mean) / self.cfg.std if self.normalise else x
 

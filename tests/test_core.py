@@ -97,6 +97,19 @@ def test_logmel_shapes_and_silence_is_finite(frontend):
         assert torch.isfinite(x).all()
 
 
+def test_logmel_equals_torchaudio_melspectrogram():
+    """The front end's |STFT|^2 as re^2 + im^2 computes exactly torchaudio's power-2 mel spectrogram."""
+    import torchaudio
+    cfg = load_config("tiny", ["features.mean=0.0", "features.std=1.0"]).features
+    ref = torchaudio.transforms.MelSpectrogram(
+        sample_rate=cfg.sample_rate, n_fft=cfg.n_fft, win_length=cfg.win_length, hop_length=cfg.hop_length,
+        n_mels=cfg.n_mels, center=False, power=2.0, f_min=20.0, f_max=cfg.sample_rate / 2, mel_scale="htk")
+    wav = torch.randn(3, cfg.clip_samples, generator=torch.Generator().manual_seed(0)) * 0.1
+    extra = cfg.n_fft - cfg.win_length
+    want = torch.log(ref(torch.nn.functional.pad(wav, (extra // 2, extra - extra // 2))).clamp_min(1e-10))
+    assert torch.allclose(LogMel(cfg)(wav), want, atol=1e-4)
+
+
 def test_patchify_roundtrip_non_square():
     spec = torch.randn(3, 96, 512)
     p = patchify(spec, 16, 16)
