@@ -6,6 +6,7 @@ logs the object key, and the run goes on.
 from __future__ import annotations
 
 import io
+import math
 import zlib
 from functools import lru_cache
 
@@ -114,3 +115,70 @@ def crops(wav: np.ndarray, clip_samples: int, max_crops: int, rng: np.random.Gen
     seg = n // k
     starts = [i * seg + int(rng.integers(0, max(seg - clip_samples, 0) + 1)) for i in range(k)]
     return [wav[s:s + clip_samples].copy() for s in starts]
+
+
+class ReadAhead:
+    """A seekable file over a random-access object (a pyarrow NativeFile: on S3 each read is a ranged GET)
+    that fetches at least `block` bytes at a time, so libsndfile's many small reads cost few requests."""
+
+    def __init__(self, f, size: int, block: int = 1 << 20):
+        self.f, self.size, self.block = f, size, block
+        self.pos, self.start, self.buf = 0, 0, b""
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self.pos = {0: offset, 1: self.pos + offset, 2: self.size + offset}[whence]
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.size - self.pos if n is None or n < 0 else n
+        out = bytearray()
+        while n > 0 and self.pos < self.size:
+            if not self.start <= self.pos < self.start + len(self.buf):
+                self.start, self.buf = self.pos, self.f.read_at(min(max(self.block, n), self.size - self.pos), self.pos)
+            chunk = self.buf[self.pos - self.start:self.pos - self.start + n]
+            out += chunk
+            self.pos, n = self.pos + len(chunk), n - len(chunk)
+        return bytes(out)
+
+
+def read_crops(f, sample_rate: int, clip_samples: int, max_crops: int, rng: np.random.Generator,
+               max_channels: int = 16, short_audio: str = "loop") -> list[np.ndarray]:
+    """Crops of a long file read around their windows only (seek + read), never decoding the whole file.
+
+    The windows are placed as `crops` places them (k segments, a random start in each), in the file's
+    own rate; each is downmixed, checked and resampled alone.  A file of the model's rate gives exactly
+    the crops the whole-file path gives (without silence trimming, which needs the whole file)."""
+    try:
+        with sf.SoundFile(f) as s:
+            sr, ch, frames = s.samplerate, s.channels, s.frames
+            if not MIN_RATE <= sr <= MAX_RATE:
+                raise Skip("bad_sample_rate", f"{sr} Hz")
+            if not 1 <= ch <= max_channels:
+                raise Skip("too_many_channels", f"{ch} channels")
+            need = clip_samples if sr == sample_rate else math.ceil(clip_samples * sr / sample_rate) + 64
+            if frames <= need:
+                raise Skip("too_short", f"{frames} frames: too short to read by windows")
+            k = int(min(max_crops, frames // need)) or 1
+            seg = frames // k
+            starts = [i * seg + int(rng.integers(0, max(seg - need, 0) + 1)) for i in range(k)]
+            windows = []
+            for start in starts:
+                s.seek(start)
+                windows.append(s.read(need, dtype="float32", always_2d=True))
+    except Skip:
+        raise
+    except Exception as e:  # libsndfile: not audio, truncated, unsupported codec or seek
+        raise Skip("undecodable", f"{type(e).__name__}: {str(e)[:120]}") from None
+    out = []
+    for w in windows:
+        if not np.isfinite(w).all():
+            raise Skip("non_finite", f"{int((~np.isfinite(w)).sum())} NaN/inf samples in a crop window")
+        mono = w.mean(axis=1)
+        if sr != sample_rate:
+            with torch.no_grad():
+                mono = _resampler(sr, sample_rate)(torch.from_numpy(np.ascontiguousarray(mono))).numpy()
+        out.append(fill(np.ascontiguousarray(mono, dtype=np.float32), clip_samples, short_audio))
+    return out

@@ -33,7 +33,8 @@ import torch
 
 from service.audio import Skip, crops, decode
 from service.config import Config, DataConfig, FeaturesConfig, StorageConfig
-from service.data import DataSourceError, Listing, check_skips, frontend, list_source, quiet_ray_data
+from service.data import (DataSourceError, Listing, check_skips, frontend, list_source, put_listing,
+                          quiet_ray_data)
 from service.features import logmel_sums, stats_from_sums
 from service.storage import join, read_bytes, resolve, write_bytes
 
@@ -208,7 +209,7 @@ def prepare_task(task: int, uris, keys, start: int, end: int, out: str, opts: Pr
 def _prepare_batch(batch: dict[str, np.ndarray], listing, plan: dict, out: str, opts: PrepareOptions,
                    fc: FeaturesConfig, dc: DataConfig, st: StorageConfig) -> dict[str, np.ndarray]:
     """Ray Data UDF: task ids -> their done records (written here, after the shards)."""
-    uris, keys = _cached(listing)
+    uris, keys, _ = _cached(listing)
     done = []
     for t in batch["task"]:
         start, end = plan["tasks"][int(t)]
@@ -282,8 +283,7 @@ def prepare(cfg: Config, out: str, opts: PrepareOptions = PrepareOptions(), prog
              f"{len(done)} already done, {len(todo)} to do")
     if todo:
         quiet_ray_data()
-        files = ray.put((np.array([f.uri for f in listing.files], dtype=object),
-                         np.array([f.key for f in listing.files], dtype=object)))
+        files, _ = put_listing(listing)
         ds = ray.data.from_items([{"task": t} for t in todo], override_num_blocks=len(todo))
         ds = ds.map_batches(_prepare_batch, batch_size=1, batch_format="numpy", num_cpus=1,
                             memory=_task_memory(opts, cfg.data), concurrency=cfg.data.concurrency or None,
@@ -377,7 +377,7 @@ class RankStream:
     def __init__(self, rows: np.ndarray, k: int, seed: int, rank: int, world: int):
         self.rows, self.k, self.seed, self.rank, self.world = rows, k, seed, rank, world
         self.n_w = -(-len(rows) // k)
-        self._pass_start: dict[int, int] = {0: 0}  # p -> position of rank's first clip in pass p
+        self._pass_start = [0]  # position of the rank's first clip in pass p, for the passes computed so far
 
     def _mine(self, p: int) -> tuple[np.ndarray, np.ndarray]:
         """(window indices in pass p dealt to this rank, their sizes)."""
@@ -386,10 +386,9 @@ class RankStream:
         return w, _window_sizes(self.rows, self.k, self.seed, p)[w]
 
     def pass_start(self, p: int) -> int:
-        q = max(x for x in self._pass_start if x <= p)
-        while q < p:
-            self._pass_start[q + 1] = self._pass_start[q] + int(self._mine(q)[1].sum())
-            q += 1
+        while len(self._pass_start) <= p:
+            q = len(self._pass_start) - 1
+            self._pass_start.append(self._pass_start[q] + int(self._mine(q)[1].sum()))
         return self._pass_start[p]
 
     def locate(self, pos: int) -> tuple[int, int, int]:
@@ -475,13 +474,20 @@ def clip_ids(cfg: Config, corpus: dict, rank: int, world: int, n: int) -> list[i
     return out[:n]
 
 
+_STREAMS: dict = {}
+
+
 def window_clips(batch: dict[str, np.ndarray], corpus, root: str, seed: int, k: int, rank: int, world: int,
                  first: int, start: int, fc: FeaturesConfig, dc: DataConfig, st: StorageConfig, ledger=None):
     """Ray Data UDF: rows `id` (the rank's windows counted from `first`) -> their clips (x, epoch, clip id,
     stream position), in stream order.  Clips before position `start` (the resume point) are dropped."""
     torch.set_num_threads(1)
     blocks = _cached(corpus)
-    stream = RankStream(np.array([b[2] for b in blocks], dtype=np.int64), k, seed, rank, world)
+    key = (corpus.hex() if isinstance(corpus, ray.ObjectRef) else id(corpus), k, seed, rank, world)
+    if key not in _STREAMS:  # one per process: its pass positions are computed once
+        _STREAMS.clear()
+        _STREAMS[key] = RankStream(np.array([b[2] for b in blocks], dtype=np.int64), k, seed, rank, world)
+    stream = _STREAMS[key]
     waves, epochs, ids, positions = [], [], [], []
     for j in batch["id"]:
         p, w, pos0 = stream.window(first + int(j))
@@ -495,8 +501,9 @@ def window_clips(batch: dict[str, np.ndarray], corpus, root: str, seed: int, k: 
             positions.append(pos0 + i)
     if ledger is not None:
         ray.get(ledger.record.remote([], len(waves), []))
-    if dc.features_in == "trainer":
-        x = np.stack(waves) if waves else np.zeros((0, fc.clip_samples), np.float32)
+    if dc.features_in == "trainer":  # int16 PCM, as stored: half the bytes to move; the trainer scales it
+        x = (np.clip(np.stack(waves), -1.0, 1.0) * 32767.0).round().astype(np.int16) if waves else \
+            np.zeros((0, fc.clip_samples), np.int16)
     elif waves:
         x = frontend(fc)(torch.from_numpy(np.stack(waves))).numpy()
     else:
@@ -514,10 +521,13 @@ def rank_dataset(cfg: Config, corpus: dict, corpus_ref, rank: int, world: int, s
     stream = RankStream(rows, k, cfg.seed, rank, world)
     j0 = stream.locate(start)[0]
     j1 = stream.locate(max(end - 1, start))[0] + 1
-    window_bytes = k * int(rows.max()) * corpus["segment_seconds"] * 1.5 * cfg.features.sample_rate * 10
+    clips, fc = k * int(rows.max()), cfg.features
+    # declared to Ray: the process (~512 MB with torch), the window's PCM and crops, the batched STFT
+    window_bytes = 2 ** 29 + clips * (corpus["segment_seconds"] * 1.5 * fc.sample_rate * 6 + fc.clip_samples * 8
+                                      + (fc.n_fft // 2 + 1) * fc.n_frames * 24)
     ds = ray.data.range(j1 - j0, override_num_blocks=max(1, min(j1 - j0, 4096)))
     return ds.map_batches(window_clips, batch_size=1, batch_format="numpy", num_cpus=1,
-                          memory=int(window_bytes + 2 ** 28), concurrency=cfg.data.concurrency or None,
+                          memory=int(window_bytes), concurrency=cfg.data.concurrency or None,
                           fn_kwargs=dict(corpus=corpus_ref, root=cfg.data.source.rstrip("/"), seed=cfg.seed, k=k,
                                          rank=rank, world=world, first=j0, start=start, fc=cfg.features,
                                          dc=cfg.data, st=cfg.storage, ledger=ledger))

@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import posixpath
+import time
 import zlib
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -20,7 +21,7 @@ import numpy as np
 import ray
 import torch
 
-from service.audio import Skip, crop_rng, crops, decode
+from service.audio import ReadAhead, Skip, crop_rng, crops, decode, read_crops
 from service.config import Config, DataConfig, FeaturesConfig, StorageConfig
 from service.features import LogMel, logmel_stats
 from service.storage import FileEntry, join, list_files, read_bytes, resolve
@@ -231,24 +232,28 @@ def clips_from_files(batch: dict[str, np.ndarray], features: FeaturesConfig, dat
     clip_len = features.clip_samples
     waves, epochs, ids, skipped = [], [], [], []
     uris, keys, eps = batch["uri"], batch["key"], batch["epoch"]
-    for uri, key, epoch in zip(uris, keys, eps):
+    sizes = batch.get("size", np.zeros(len(uris), np.int64))
+    for uri, key, epoch, size in zip(uris, keys, eps, sizes):
         uri, key, epoch = str(uri), str(key), int(epoch)
+        fs = _fs("s3://" if uri.startswith("s3://") else "/", storage.s3_endpoint, storage.s3_region)
         try:
-            try:
-                data_bytes = read_bytes(uri, retries=data.read_retries,
-                                        fs=_fs("s3://" if uri.startswith("s3://") else "/", storage.s3_endpoint,
-                                               storage.s3_region))
-            except FileNotFoundError:
-                raise Skip("missing", "no such object") from None
-            except Exception as e:  # after retries
-                raise Skip("read_error", f"{type(e).__name__}: {str(e)[:120]}") from None
-            wav = decode(data_bytes, features.sample_rate, data.max_channels, data.min_seconds, data.trim_silence,
-                         data.max_decoded_mb)
+            if size > data.seek_above_mb * 2 ** 20:  # long: read around the crop windows only
+                file_crops = _seek_crops(uri, int(size), fs, features, data, crop_rng(seed, epoch, key))
+            else:
+                try:
+                    data_bytes = read_bytes(uri, retries=data.read_retries, fs=fs)
+                except FileNotFoundError:
+                    raise Skip("missing", "no such object") from None
+                except Exception as e:  # after retries
+                    raise Skip("read_error", f"{type(e).__name__}: {str(e)[:120]}") from None
+                wav = decode(data_bytes, features.sample_rate, data.max_channels, data.min_seconds,
+                             data.trim_silence, data.max_decoded_mb)
+                file_crops = crops(wav, clip_len, data.crops_per_file, crop_rng(seed, epoch, key), data.short_audio)
         except Skip as s:  # counted by the ledger; the driver prints one summary line
             log.debug("skipped %s: %s", uri, s)
             skipped.append((s.reason, uri, s.detail))
             continue
-        for c in crops(wav, clip_len, data.crops_per_file, crop_rng(seed, epoch, key), data.short_audio):
+        for c in file_crops:
             waves.append(c)
             epochs.append(epoch)
             ids.append(zlib.crc32(key.encode()))
@@ -262,6 +267,23 @@ def clips_from_files(batch: dict[str, np.ndarray], features: FeaturesConfig, dat
     else:
         x = np.zeros((0, features.n_mels, features.n_frames), np.float32)
     return {"x": x, "epoch": np.asarray(epochs, dtype=np.int64), "clip": np.asarray(ids, dtype=np.int64)}
+
+
+def _seek_crops(uri: str, size: int, fs, features: FeaturesConfig, data: DataConfig, rng) -> list[np.ndarray]:
+    """A long object's crops, read around their windows (opening retried like whole reads)."""
+    path = uri[len("s3://"):] if uri.startswith("s3://") else uri
+    for attempt in range(data.read_retries):
+        try:
+            with fs.open_input_file(path) as f:
+                return read_crops(ReadAhead(f, size), features.sample_rate, features.clip_samples,
+                                  data.crops_per_file, rng, data.max_channels, data.short_audio)
+        except FileNotFoundError:
+            raise Skip("missing", "no such object") from None
+        except OSError as e:
+            if attempt == data.read_retries - 1:
+                raise Skip("read_error", f"{type(e).__name__}: {str(e)[:120]}") from None
+            time.sleep(min(0.2 * 2 ** attempt, 5.0))
+    raise AssertionError("unreachable")
 
 
 def measure_stats(cfg: Config, listing: Listing) -> dict[str, float]:
@@ -313,18 +335,19 @@ def plan_rows(batch: dict[str, np.ndarray], files, seed: int, start_epoch: int) 
     if key not in _FILES:  # the listing, fetched once per worker process
         _FILES.clear()
         _FILES[key] = ray.get(files) if isinstance(files, ray.ObjectRef) else files
-    uris, keys = _FILES[key]
+    uris, keys, sizes = _FILES[key]
     n = len(uris)
     ids = batch["id"].astype(np.int64)
     epochs = start_epoch + ids // n
     idx = np.array([_order(n, seed, int(e))[i] for e, i in zip(epochs, ids % n)], dtype=np.int64)
-    return {"uri": uris[idx], "key": keys[idx], "epoch": epochs}
+    return {"uri": uris[idx], "key": keys[idx], "size": sizes[idx], "epoch": epochs}
 
 
 def put_listing(listing: Listing) -> tuple["ray.ObjectRef", int]:
-    """The listing's URIs and keys in the object store, once: (ref, number of files)."""
+    """The listing's URIs, keys and sizes in the object store, once: (ref, number of files)."""
     return ray.put((np.array([f.uri for f in listing.files], dtype=object),
-                    np.array([f.key for f in listing.files], dtype=object))), len(listing.files)
+                    np.array([f.key for f in listing.files], dtype=object),
+                    np.array([f.size for f in listing.files], dtype=np.int64))), len(listing.files)
 
 
 def decode_memory(data: DataConfig) -> int:

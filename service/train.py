@@ -235,7 +235,8 @@ class WorkerRun:
         self.window.wait += time.time() - t_wait
         self.data_position += self.per_worker
         self.data_digest = zlib.crc32(batch["clip"].cpu().numpy().astype("<i8").tobytes(), self.data_digest)
-        x = batch["x"].float()
+        x = batch["x"]
+        x = x.float() / 32767.0 if x.dtype == torch.int16 else x.float()  # prepared corpora send int16 PCM
         self.epoch = int(batch["epoch"][-1])
         with torch.no_grad():
             spec = self.frontend(x) if self.frontend is not None else x

@@ -14,6 +14,8 @@ from service.corpus import PrepareOptions, RankStream, from_pcm, is_corpus, plan
 from service.storage import list_files, read_bytes
 from tests.conftest import GOOD, bad_files, upload_dir
 
+SMALL = ["model.width=32", "model.depth=1", "model.heads=2", "model.pred_width=32", "model.pred_depth=1",
+         "model.pred_heads=2", "train.batch_size=8", "train.log_every=1", "optim.warmup_steps=1"]
 OPTS = PrepareOptions(segment_seconds=1.0, row_group=2, task_files=2)
 
 
@@ -74,6 +76,14 @@ def test_prepare_on_s3_keeps_the_good_audio_and_counts_skips_by_reason(corpus_di
         got = np.concatenate([_segment_audio(s3_server, tmp_path, r) for r in rows])
         assert len(got) == len(raw) and np.abs(got - raw).max() < 2e-4, f.key
     assert len({r["id"] for r in index}) == len(index) == summary["segments"]
+    # and a run trains from the S3 corpus (int16 waveforms to the trainer's log-mel), reporting its skips
+    from service.train import run_pretraining
+    run = run_pretraining(load_config("tiny", SMALL + [
+        "data.source=s3://prep/corpus", f"storage.s3_endpoint={s3_server}", f"checkpoint.storage_path={tmp_path}",
+        "run_name=from-s3", "train.steps=2", "checkpoint.every_steps=2", "data.features_in=trainer"]))
+    assert run["status"] == "succeeded", run["error"]
+    assert run["data"]["skipped"] == expected and run["data"]["prepared"] == "s3://prep/corpus"
+    assert run["metrics"]["data_position"] == 2 * 8
 
 
 def test_a_killed_prepare_resumes_without_duplicates(clean_corpus_dir, tmp_path, ray_local):

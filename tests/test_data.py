@@ -167,6 +167,32 @@ def test_a_huge_but_small_on_disk_file_is_skipped_from_its_header(monkeypatch):
     assert e.value.reason == "too_long" and "data.max_decoded_mb=0.1" in e.value.detail
 
 
+def test_long_files_are_read_around_their_crop_windows_only(tmp_path, monkeypatch):
+    """A long object is never decoded whole: each crop window is sought and read alone, and (same rate,
+    no silence to trim) the crops are exactly those of the whole-file path."""
+    import soundfile as sf
+
+    from conftest import encode, tone
+    from service import data as data_mod
+    long = tmp_path / "long.flac"
+    long.write_bytes(encode(tone(330, 120.0, 16000), 16000, "FLAC"))  # 2 min, ~1 MB on disk
+    cfg = cfg_for(str(tmp_path), **{"data.crops_per_file": 3, "data.trim_silence": "false"})
+    batch = {"uri": np.array([str(long)]), "key": np.array(["long.flac"]), "epoch": np.array([2]),
+             "size": np.array([long.stat().st_size])}
+    whole = data_mod.clips_from_files(batch, cfg.features, cfg.data, cfg.storage, cfg.seed)["x"]
+    reads, real_read = [], sf.SoundFile.read
+
+    def spy(self, frames=-1, *a, **k):
+        reads.append(frames)
+        return real_read(self, frames, *a, **k)
+    monkeypatch.setattr(sf.SoundFile, "read", spy)
+    seek_cfg = cfg.with_overrides({"data.seek_above_mb": 0.01})
+    windows = data_mod.clips_from_files(batch, seek_cfg.features, seek_cfg.data, seek_cfg.storage, cfg.seed)["x"]
+    assert reads == [cfg.features.clip_samples] * 3  # three windows, nothing else decoded
+    assert windows.shape == whole.shape == (3, cfg.features.n_mels, cfg.features.n_frames)
+    assert np.allclose(windows, whole, atol=1e-5)
+
+
 def test_a_transient_storage_error_is_retried_not_counted_as_bad_audio(clean_corpus_dir, monkeypatch):
     import pyarrow.fs as pafs
 
