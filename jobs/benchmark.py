@@ -4,10 +4,11 @@
         train-step clips/s and model FLOP rate as a fraction of this machine's fp32 matmul rate;
         baseline: the same model built the hand-rolled way (explicit softmax attention, per-tensor
         EMA loop, for-loop AdamW).
-    python -m jobs.benchmark data --source DIR_OR_S3 [--files N] [--json PATH]
-        Ray Data pipeline clips/s per CPU vs a naive single-process decode+features loop over the
-        same files; and the data-wait fraction of a short tiny training run.
-    python -m jobs.benchmark train --config tiny --source DIR_OR_S3 [--json PATH]
+    python -m jobs.benchmark data [--source DIR_OR_S3] [--shards DIR_OR_S3] [--seconds S] [--json PATH]
+        steady-state clips/s per CPU of a naive per-file loop, the raw-source Ray Data stream and the
+        prepared shards (prepared first if missing), first-batch times, and the driver's memory for the
+        shard plan of a 100k-step x 256 run against a 100-step one (default data: the demo corpus).
+    python -m jobs.benchmark train --config tiny --source DIR_OR_S3_OR_CORPUS [--json PATH]
         steady-state clips/s with 1 and 2 workers, and recovery time (worker kill -> first step).
     python -m jobs.benchmark quality [--config tiny] [--steps 200,400] [--seeds 3] [--ablate all] [--json PATH]
         pretraining vs the same-seed random init (same readout, same probes) on the dev tasks' test
@@ -27,9 +28,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from jobs.common import init_ray, setup_logging
+
+DEMO_DIR = Path("var/demo-corpus")
 
 
 def table(rows: list[tuple[str, str]]) -> str:
@@ -137,28 +139,33 @@ def bench_model(args) -> None:
 
 
 # --- data ------------------------------------------------------------------------------------
-def bench_data(args) -> None:
-    import ray
+def _steady(batches, seconds: float, warmup: int = 3) -> tuple[float, float, int]:
+    """(first-batch seconds, steady clips/s after `warmup` batches, clips) of a batch iterator, for
+    `seconds` of steady state or until it ends."""
+    t0 = time.perf_counter()
+    first, t_w, clips, n = None, None, 0, 0
+    for b in batches:
+        n += 1
+        if first is None:
+            first = time.perf_counter() - t0
+        if n == warmup:
+            t_w = time.perf_counter()
+        elif n > warmup:
+            clips += len(b["x"])
+            if time.perf_counter() - t_w > seconds:
+                break
+    return first or 0.0, clips / max(time.perf_counter() - (t_w or t0), 1e-9), clips
 
-    from service.config import load_config
-    from service.data import DataLedger, build_dataset, list_source
+
+def _naive_batches(cfg, files, batch: int = 64):
+    """The baseline: one process, one thread, file by file: read, decode, resample, crops, log-mel (the
+    waveform crops when data.features_in=trainer: log-mel is then the trainer's, on its GPU)."""
+    from service.audio import Skip, crop_rng, crops, decode
     from service.features import LogMel
     from service.storage import read_bytes
-    from service.audio import Skip, crop_rng, crops, decode
-
-    cfg = load_config(args.config, args.overrides + [f"data.source={args.source}"])
-    listing = list_source(cfg)
-    if cfg.features.mean is None:
-        from service.data import measure_stats
-        cfg = cfg.with_overrides(measure_stats(cfg, listing))
-    rng = np.random.default_rng(0)
-    listing.files = [listing.files[i] for i in sorted(rng.choice(len(listing.files),
-                                                                 min(args.files, len(listing.files)), replace=False))]
-    # naive: one process, one thread, the same decode + crops + log-mel, file by file
     torch.set_num_threads(1)
-    fe = LogMel(cfg.features)
-    t0, naive_clips = time.perf_counter(), 0
-    for f in listing.files:
+    fe, out = LogMel(cfg.features), []
+    for f in files:
         try:
             wav = decode(read_bytes(f.uri, cfg.storage.s3_endpoint), cfg.features.sample_rate, cfg.data.max_channels,
                          cfg.data.min_seconds, cfg.data.trim_silence)
@@ -166,40 +173,89 @@ def bench_data(args) -> None:
             continue
         for c in crops(wav, cfg.features.clip_samples, cfg.data.crops_per_file, crop_rng(cfg.seed, 0, f.key),
                        cfg.data.short_audio):
-            fe(torch.from_numpy(c)[None])
-            naive_clips += 1
-    naive_s = time.perf_counter() - t0
+            out.append(fe(torch.from_numpy(c)[None])[0] if cfg.data.features_in == "pipeline" else c)
+            if len(out) == batch:
+                yield {"x": out}
+                out = []
+
+
+_PLAN_SCRIPT = """
+import json, sys
+import ray
+from service.config import load_config
+from service.corpus import load_corpus, rank_dataset
+address, source, steps, rate = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+cfg = load_config("base", [f"data.source={source}", f"train.steps={steps}", "train.batch_size=256", "train.workers=1",
+                           f"features.sample_rate={rate}"])
+corpus = load_corpus(source, cfg)
+ds = rank_dataset(cfg, corpus, ray.put(corpus["blocks"]), 0, 1, 0, steps * 256)  # built, not executed
+# VmHWM: this process's peak (getrusage's ru_maxrss survives exec and would report the parent's)
+hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM"))
+print(json.dumps({"rss_mb": hwm / 1024}))
+"""
+
+
+def _driver_rss_mb(address: str, source: str, steps: int, sample_rate: int) -> float:
+    """Peak RSS of a fresh driver process that builds (does not run) the shard stream of a `steps` x 256 run."""
+    import subprocess
+    out = subprocess.run([sys.executable, "-c", _PLAN_SCRIPT, address, source, str(steps), str(sample_rate)],
+                         capture_output=True, text=True, timeout=600, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["rss_mb"]
+
+
+def bench_data(args) -> None:
+    import ray
+
+    from service.config import load_config
+    from service.corpus import PrepareOptions, is_corpus, load_corpus, prepare, rank_dataset
+    from service.data import DataLedger, build_dataset, list_source
+
+    source = args.source or _demo_source()
+    cfg = load_config(args.config, args.overrides + [f"data.source={source}"])
+    listing = list_source(cfg)
     init_ray(min_cpus=os.cpu_count() or 1)
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    ledger = DataLedger.remote(len(listing.files), [])
-    ds = build_dataset(cfg, listing, ledger, passes=1)
-    t0, pipe_clips = time.perf_counter(), 0
-    for batch in ds.iter_batches(batch_size=64, batch_format="numpy"):
-        pipe_clips += len(batch["x"])
-    pipe_s = time.perf_counter() - t0
-    used = min(cpus, os.cpu_count() or 1)
-    res = {"files": len(listing.files), "clips": pipe_clips, "cpus": used,
-           "pipeline_clips_per_s": pipe_clips / pipe_s, "pipeline_clips_per_s_per_cpu": pipe_clips / pipe_s / used,
-           "naive_clips_per_s_per_cpu": naive_clips / naive_s,
-           "speedup": (pipe_clips / pipe_s / used) / (naive_clips / naive_s)}
-    rows = [("files / clips", f"{res['files']} / {pipe_clips} (naive {naive_clips})"),
-            ("pipeline clips/s (per CPU)", f"{res['pipeline_clips_per_s']:.1f} ({res['pipeline_clips_per_s_per_cpu']:.1f}, {used} CPUs)"),
-            ("naive loop clips/s per CPU", f"{res['naive_clips_per_s_per_cpu']:.1f}"),
-            ("per-CPU ratio pipeline/naive", f"{res['speedup']:.2f}x")]
-    if args.train_steps > 0:
-        from service.train import run_pretraining
-        with tempfile.TemporaryDirectory() as tmp:
-            tcfg = load_config(args.config, args.overrides + [
-                f"data.source={args.source}", f"train.steps={args.train_steps}", "train.log_every=10",
-                f"checkpoint.storage_path={tmp}", f"checkpoint.every_steps={args.train_steps}",
-                "run_name=bench-data", "mlflow.tracking_uri="])
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-            s = run_pretraining(tcfg)
-        res["data_wait_fraction"] = s["metrics"].get("data_wait_fraction")
-        res["train_clips_per_s"] = s["metrics"].get("clips_per_s")
-        rows.append(("data-wait fraction of train step (last window)",
-                     f"{res['data_wait_fraction']:.3f} at {res['train_clips_per_s']:.1f} clips/s"))
+    cpus = min(int(ray.cluster_resources().get("CPU", 1)), os.cpu_count() or 1)
+    shards = args.shards or source.rstrip("/") + "-shards"
+    t0 = time.perf_counter()
+    corpus = (load_corpus(shards, cfg) if is_corpus(shards, cfg.storage) else prepare(cfg, shards, PrepareOptions()))
+    prepare_s = time.perf_counter() - t0
+    cfg = cfg.with_overrides(corpus["stats"])
+    print(f"data benchmark: {len(listing.files)} files, {cpus} CPUs, {args.seconds:.0f} s of steady state each",
+          flush=True)
+    files = [listing.files[i] for i in np.random.default_rng(0).permutation(len(listing.files))]
+    _, naive, _ = _steady(_naive_batches(cfg, files), args.seconds)
+    raw_first, raw, raw_clips = _steady(build_dataset(cfg, listing, DataLedger.remote(len(listing.files), []))
+                                        .iter_batches(batch_size=64, batch_format="numpy"), args.seconds)
+    scfg = cfg.with_overrides({"data.source": shards})
+    ds = rank_dataset(scfg, corpus, ray.put(corpus["blocks"]), 0, 1, 0, 10 ** 7)
+    first, sh, sh_clips = _steady(ds.iter_batches(batch_size=64, batch_format="numpy"), args.seconds)
+    address = ray.get_runtime_context().gcs_address
+    res = {"files": len(listing.files), "cpus": cpus, "segments": corpus["segments"], "prepare_s": prepare_s,
+           "naive_clips_per_s_per_cpu": naive, "raw_clips_per_s_per_cpu": raw / cpus,
+           "shards_clips_per_s_per_cpu": sh / cpus, "shards_vs_naive": sh / cpus / naive,
+           "raw_vs_naive": raw / cpus / naive, "first_batch_s": first, "raw_first_batch_s": raw_first,
+           "driver_rss_mb": _driver_rss_mb(address, shards, 100_000, cfg.features.sample_rate),
+           "driver_rss_mb_small": _driver_rss_mb(address, shards, 100, cfg.features.sample_rate)}
+    rows = [("corpus", f"{res['files']} files -> {res['segments']} segments "
+                       f"({'prepared' if prepare_s > 5 else 'already prepared'} in {prepare_s:.0f} s)"),
+            ("naive per-file loop: clips/s per CPU", f"{naive:.1f}"),
+            ("raw source, Ray Data: clips/s per CPU", f"{raw / cpus:.1f} ({raw_clips} clips; first batch "
+                                                      f"{raw_first:.1f} s)"),
+            ("prepared shards: clips/s per CPU", f"{sh / cpus:.1f} ({sh_clips} clips; first batch {first:.1f} s)"),
+            ("shards / naive (per CPU)", f"{res['shards_vs_naive']:.2f}x (raw / naive {res['raw_vs_naive']:.2f}x)"),
+            ("driver RSS: 100k-step x 256 plan vs 100-step", f"{res['driver_rss_mb']:.0f} MB vs "
+                                                              f"{res['driver_rss_mb_small']:.0f} MB")]
     emit(res, rows, args.json)
+
+
+def _demo_source() -> str:
+    """The demo corpus's pretraining audio (built if missing)."""
+    from jobs.demo import DEV_TASKS
+    from jobs.make_demo_corpus import main as make_corpus
+    if not (DEMO_DIR / "tasks" / DEV_TASKS[-1] / "manifest.csv").exists():
+        make_corpus(["--out", str(DEMO_DIR)])
+    return str(DEMO_DIR / "pretrain")
 
 
 # --- train -----------------------------------------------------------------------------------
@@ -218,7 +274,10 @@ def bench_train(args) -> None:
                                                    f"checkpoint.every_steps={args.steps}", f"run_name=w{workers}"])
             s = run_pretraining(cfg)
             res["clips_per_s"][workers] = s["metrics"].get("clips_per_s")
-            rows.append((f"{workers} worker(s): steady clips/s", f"{res['clips_per_s'][workers]:.1f}"))
+            res.setdefault("data_wait_fraction", {})[workers] = s["metrics"].get("data_wait_fraction")
+            rows.append((f"{workers} worker(s): steady clips/s (data wait)",
+                         f"{res['clips_per_s'][workers]:.1f} ({100 * res['data_wait_fraction'][workers]:.0f} % of "
+                         "step time, last window)"))
         kill = args.steps // 2
         cfg = load_config(args.config, base + ["train.workers=2", f"train.steps={args.steps}", "run_name=recover",
                                                f"checkpoint.every_steps={max(kill - 5, 1)}",
@@ -236,7 +295,6 @@ def bench_train(args) -> None:
 
 
 # --- quality ---------------------------------------------------------------------------------
-DEMO_DIR = Path("var/demo-corpus")
 
 
 def bench_quality(args) -> None:
@@ -245,10 +303,7 @@ def bench_quality(args) -> None:
 
     if not args.source:
         from jobs.demo import DEV_TASKS
-        from jobs.make_demo_corpus import main as make_corpus
-        if not (DEMO_DIR / "tasks" / DEV_TASKS[-1] / "manifest.csv").exists():
-            make_corpus(["--out", str(DEMO_DIR)])
-        args.source = str(DEMO_DIR / "pretrain")
+        args.source = _demo_source()
         args.task = args.task or [str(DEMO_DIR / "tasks" / t) for t in DEV_TASKS]
     if not args.task:
         raise SystemExit("quality needs --task (one or more labeled tasks) when --source is given")
@@ -283,7 +338,8 @@ def main(argv=None) -> int:
     p.add_argument("--config", default="tiny")
     p.add_argument("--set", dest="overrides", action="append", default=[])
     p.add_argument("--source", help="data for `data` and `train`")
-    p.add_argument("--files", type=int, default=200, help="data: files to read")
+    p.add_argument("--shards", help="data: prepared corpus of --source (default: <source>-shards, prepared if missing)")
+    p.add_argument("--seconds", type=float, default=60.0, help="data: steady-state seconds per method")
     p.add_argument("--steps", default=None, help="model: timed steps (20); train: steps per run (20); "
                    "quality: pretraining budgets, comma-separated (200,400)")
     p.add_argument("--seeds", type=int, default=3, help="quality: seeds per budget")
@@ -292,12 +348,11 @@ def main(argv=None) -> int:
                    "(padding,stats,ema,readout,ratio or all)")
     p.add_argument("--ablation-steps", type=int, default=0, help="quality: budget of the ablations (default: the last)")
     p.add_argument("--ablation-seeds", type=int, default=2)
-    p.add_argument("--train-steps", type=int, default=60, help="data: short training run for the wait fraction")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--json")
     args = p.parse_args(argv)
     setup_logging()
-    if args.what in ("data", "train") and not args.source:
+    if args.what == "train" and not args.source:
         p.error(f"{args.what} needs --source")
     if args.what != "quality":
         args.steps = int(args.steps or 20)

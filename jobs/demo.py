@@ -2,9 +2,10 @@
 
   1. starts the local cluster (Ray head with token auth, MLflow, S3) on 127.0.0.1,
   2. builds the real-audio demo corpus and uploads it to the local S3 (s3://demo/corpus),
-  3. submits pretraining with `ray job submit` (tiny config, checkpoints to s3://demo/runs,
-     the model registered in MLflow as audio-jepa@current),
-  4. submits evaluation of the registered model on the two dev tasks, beside the baselines,
+  3. prepares the pretraining audio once into Parquet shards (jobs.prepare via `ray job submit`;
+     a finished corpus is reused), then submits pretraining from the shards (tiny config,
+     checkpoints to s3://demo/runs, the model registered in MLflow as audio-jepa@current),
+  4. submits evaluation of the registered model on the dev tasks, beside the baselines,
   5. prints the results table and where to look.  The cluster stays up: `cluster/local down`.
 """
 from __future__ import annotations
@@ -61,10 +62,14 @@ def main(argv=None) -> int:
     from jobs.make_demo_corpus import main as make_corpus
     make_corpus(["--out", f"{BUCKET}/corpus", "--cache", str(ROOT / "var" / "demo-cache")])
 
-    step(f"3/5 pretraining ({args.steps} steps) via ray job submit")
+    from jobs.make_demo_corpus import CORPUS_VERSION
+    shards = f"{BUCKET}/shards/pretrain-v{CORPUS_VERSION}"
+    step(f"3/5 prepare the pretraining audio once ({shards}), then pretrain from it ({args.steps} steps)")
+    submit(env, ["python", "-m", "jobs.prepare", "--config", "tiny", "--source", f"{BUCKET}/corpus/pretrain",
+                 "--out", shards], "demo-prepare")
     tasks = [f"{BUCKET}/corpus/tasks/{t}" for t in DEV_TASKS]
     submit(env, ["python", "-m", "jobs.pretrain", "--config", "tiny",
-                 "--set", f"data.source={BUCKET}/corpus/pretrain", "--set", f"train.steps={args.steps}", "--set", f"train.threads_per_worker={os.cpu_count() or 1}",
+                 "--set", f"data.source={shards}", "--set", f"train.steps={args.steps}", "--set", f"train.threads_per_worker={os.cpu_count() or 1}",
                  "--set", f"checkpoint.storage_path={BUCKET}/runs", "--set", f"run_name=demo-tiny-{args.steps}",
                  "--set", f"mlflow.registered_model={args.model_name}", "--set", "mlflow.experiment=audio-jepa-demo",
                  "--set", f"probe.task={tasks[0]}", "--set", f"probe.every_steps={max(args.steps // 4, 1)}",
