@@ -90,12 +90,13 @@ def trim_silence(wav: np.ndarray, threshold: float = SILENCE_PEAK) -> np.ndarray
 
 
 def fill(wav: np.ndarray, n: int, short_audio: str = "loop") -> np.ndarray:
-    """Exactly n samples from audio that may be shorter: repeated end to end (loop) or zero-padded (pad)."""
+    """Exactly n samples (of wav's dtype) from audio that may be shorter: repeated end to end (loop) or
+    zero-padded (pad)."""
     if wav.shape[0] >= n:
         return wav[:n]
     if short_audio == "loop":
-        return np.tile(wav, -(-n // wav.shape[0]))[:n].astype(np.float32, copy=False)
-    out = np.zeros(n, dtype=np.float32)
+        return np.tile(wav, -(-n // wav.shape[0]))[:n]
+    out = np.zeros(n, dtype=wav.dtype)
     out[:wav.shape[0]] = wav
     return out
 

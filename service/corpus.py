@@ -494,16 +494,15 @@ def window_clips(batch: dict[str, np.ndarray], corpus, root: str, seed: int, k: 
         for i, (key, seg, pcm, sid) in enumerate(window_segments(stream, blocks, p, w, root, st)):
             if pos0 + i < start:
                 continue
-            waves.append(crops(from_pcm(pcm), fc.clip_samples, 1, segment_crop_rng(seed, p, key, seg),
-                               dc.short_audio)[0])
+            audio = np.frombuffer(pcm, dtype="<i2") if dc.features_in == "trainer" else from_pcm(pcm)
+            waves.append(crops(audio, fc.clip_samples, 1, segment_crop_rng(seed, p, key, seg), dc.short_audio)[0])
             epochs.append(p)
             ids.append(sid)
             positions.append(pos0 + i)
     if ledger is not None:
         ray.get(ledger.record.remote([], len(waves), []))
-    if dc.features_in == "trainer":  # int16 PCM, as stored: half the bytes to move; the trainer scales it
-        x = (np.clip(np.stack(waves), -1.0, 1.0) * 32767.0).round().astype(np.int16) if waves else \
-            np.zeros((0, fc.clip_samples), np.int16)
+    if dc.features_in == "trainer":  # int16 PCM as stored, cropped as is: half the bytes; the trainer scales it
+        x = np.stack(waves) if waves else np.zeros((0, fc.clip_samples), np.int16)
     elif waves:
         x = frontend(fc)(torch.from_numpy(np.stack(waves))).numpy()
     else:

@@ -181,9 +181,16 @@ def test_cluster_up_submit_e2e(cluster, tmp_path, clean_corpus_dir):
                              env=no_token, capture_output=True, text=True, timeout=120)
     assert refused.returncode != 0
     assert "auth" in (refused.stdout + refused.stderr).lower()
-    # with it: the tiny pretraining end to end, data in the cluster's S3, model in its MLflow
+    # with it, as `make demo` does: prepare the corpus in the cluster's S3 once, then the tiny pretraining
+    # end to end from its shards, the model in the cluster's MLflow
     full = {**base, **env}
-    src = upload_dir(env["AWS_ENDPOINT_URL"], clean_corpus_dir, "e2e", "corpus")
+    raw = upload_dir(env["AWS_ENDPOINT_URL"], clean_corpus_dir, "e2e", "corpus")
+    src = "s3://e2e/shards"
+    prep = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", env["RAY_ADDRESS"], "--submission-id",
+                           "e2e-prepare", "--", "python", "-m", "jobs.prepare", "--source", raw, "--out", src],
+                          env=full, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert prep.returncode == 0, prep.stdout[-4000:] + prep.stderr[-2000:]
+    assert "prepare: committed s3://e2e/shards: 6 files" in prep.stdout + prep.stderr
     summary = tmp_path / "pretrain.json"
     sets = ["model.width=64", "model.depth=2", "model.heads=2", "model.pred_width=32", "model.pred_depth=1",
             "model.pred_heads=2", "train.batch_size=8", "train.steps=10", "train.log_every=5",
@@ -201,6 +208,7 @@ def test_cluster_up_submit_e2e(cluster, tmp_path, clean_corpus_dir):
     assert "Reporting training result" not in logs and "TrainingReport(" not in logs
     s = json.loads(summary.read_text())
     assert s["status"] == "succeeded" and s["final_step"] == 10 and s["checkpoint"].startswith("s3://e2e/runs/")
+    assert s["data"]["prepared"] == src
     assert s["registered_model"]["name"] == "e2e-model"
     code = ("from service.registry import load_encoder; import torch; "
             "e = load_encoder('models:/e2e-model@current', 'cpu'); "
