@@ -34,6 +34,14 @@ def _resampler(orig: int, new: int) -> torchaudio.transforms.Resample:
     return torchaudio.transforms.Resample(orig, new)
 
 
+def check_format(sr: int, channels: int, max_channels: int) -> None:
+    """A header's sample rate and channel count, refused (Skip) when absurd or over the limit."""
+    if not MIN_RATE <= sr <= MAX_RATE:
+        raise Skip("bad_sample_rate", f"{sr} Hz")
+    if not 1 <= channels <= max_channels:
+        raise Skip("too_many_channels", f"{channels} channels")
+
+
 def decode(data: bytes, sample_rate: int, max_channels: int = 16, min_seconds: float = 0.25,
            trim: bool = False, max_decoded_mb: float = 1024.0) -> np.ndarray:
     """Bytes of any soundfile-supported format -> mono float32 at `sample_rate`, validated.
@@ -47,10 +55,7 @@ def decode(data: bytes, sample_rate: int, max_channels: int = 16, min_seconds: f
     try:
         with sf.SoundFile(io.BytesIO(data)) as f:
             sr, ch, frames = f.samplerate, f.channels, f.frames
-            if not MIN_RATE <= sr <= MAX_RATE:
-                raise Skip("bad_sample_rate", f"{sr} Hz")
-            if not 1 <= ch <= max_channels:
-                raise Skip("too_many_channels", f"{ch} channels")
+            check_format(sr, ch, max_channels)
             if frames * ch * 4 > max_decoded_mb * 2 ** 20:
                 raise Skip("too_long", f"{frames / sr:.0f} s x {ch} ch = {frames * ch * 4 / 2 ** 20:.0f} MB decoded "
                                        f"> data.max_decoded_mb={max_decoded_mb:g}")
@@ -155,10 +160,7 @@ def read_crops(f, sample_rate: int, clip_samples: int, max_crops: int, rng: np.r
     try:
         with sf.SoundFile(f) as s:
             sr, ch, frames = s.samplerate, s.channels, s.frames
-            if not MIN_RATE <= sr <= MAX_RATE:
-                raise Skip("bad_sample_rate", f"{sr} Hz")
-            if not 1 <= ch <= max_channels:
-                raise Skip("too_many_channels", f"{ch} channels")
+            check_format(sr, ch, max_channels)
             need = clip_samples if sr == sample_rate else math.ceil(clip_samples * sr / sample_rate) + 64
             if frames <= need:
                 raise Skip("too_short", f"{frames} frames: too short to read by windows")

@@ -33,9 +33,9 @@ import torch
 
 from service.audio import Skip, crops, decode
 from service.config import Config, DataConfig, FeaturesConfig, StorageConfig
-from service.data import (DataSourceError, Listing, check_skips, frontend, list_source, put_listing,
-                          quiet_ray_data)
-from service.features import logmel_sums, stats_from_sums
+from service.data import (DataSourceError, Listing, check_skips, fetch_once, list_source, put_listing,
+                          quiet_ray_data, read_object)
+from service.features import frontend, logmel_sums, stats_from_sums
 from service.storage import join, read_bytes, resolve, write_bytes
 
 
@@ -141,11 +141,11 @@ class _ShardWriter:
         self.writer = pq.ParquetWriter(self.sink, SCHEMA, compression="zstd")
         self.groups: list[int] = []
 
-    def add(self, key: str, seg: int, pcm: bytes) -> tuple[str, int]:
-        """Queue a segment; returns (shard, row group) it will land in."""
-        self.rows.append({"key": key, "segment": seg, "samples": len(pcm) // 2, "pcm": pcm,
-                          "crc32": zlib.crc32(pcm)})
-        where = (self.name, len(self.groups))
+    def add(self, key: str, seg: int, pcm: bytes) -> tuple[str, int, int]:
+        """Queue a segment; returns the (shard, row group) it will land in and its crc32."""
+        crc = zlib.crc32(pcm)
+        self.rows.append({"key": key, "segment": seg, "samples": len(pcm) // 2, "pcm": pcm, "crc32": crc})
+        where = (self.name, len(self.groups), crc)
         if len(self.rows) == self.opts.row_group:
             self._flush_group()
         return where
@@ -184,13 +184,7 @@ def prepare_task(task: int, uris, keys, start: int, end: int, out: str, opts: Pr
         root = "s3://" if uri.startswith("s3://") else "/"
         fs = fs_cache.setdefault(root, resolve(root, st.s3_endpoint, st.s3_region)[0])
         try:
-            try:
-                data = read_bytes(uri, retries=dc.read_retries, fs=fs)
-            except FileNotFoundError:
-                raise Skip("missing", "no such object") from None
-            except Exception as e:  # after retries: storage, not audio
-                raise Skip("read_error", f"{type(e).__name__}: {str(e)[:120]}") from None
-            wav = decode(data, fc.sample_rate, dc.max_channels, dc.min_seconds, dc.trim_silence, dc.max_decoded_mb)
+            wav = decode(read_object(uri, fs, dc.read_retries), fc.sample_rate, dc.max_channels, dc.min_seconds, dc.trim_silence, dc.max_decoded_mb)
         except Skip as s:
             skipped.append([uri, s.reason, s.detail])
             continue
@@ -198,8 +192,8 @@ def prepare_task(task: int, uris, keys, start: int, end: int, out: str, opts: Pr
         seconds += len(wav) / fc.sample_rate
         for i, seg in enumerate(segment(wav, fc.sample_rate, opts.segment_seconds)):
             pcm = to_pcm(seg)
-            shard, group = writer.add(key, i, pcm)
-            rows.append([key, i, round(len(seg) / fc.sample_rate, 3), shard, group, zlib.crc32(pcm)])
+            shard, group, crc = writer.add(key, i, pcm)
+            rows.append([key, i, round(len(seg) / fc.sample_rate, 3), shard, group, crc])
             t, q, n = logmel_sums(seg[:fc.clip_samples], fc)
             sums = [sums[0] + t, sums[1] + q, sums[2] + n]
     return {"task": task, "files": files, "seconds": seconds, "shards": writer.close(), "rows": rows,
@@ -209,7 +203,7 @@ def prepare_task(task: int, uris, keys, start: int, end: int, out: str, opts: Pr
 def _prepare_batch(batch: dict[str, np.ndarray], listing, plan: dict, out: str, opts: PrepareOptions,
                    fc: FeaturesConfig, dc: DataConfig, st: StorageConfig) -> dict[str, np.ndarray]:
     """Ray Data UDF: task ids -> their done records (written here, after the shards)."""
-    uris, keys, _ = _cached(listing)
+    uris, keys, _ = fetch_once(listing)
     done = []
     for t in batch["task"]:
         start, end = plan["tasks"][int(t)]
@@ -218,18 +212,6 @@ def _prepare_batch(batch: dict[str, np.ndarray], listing, plan: dict, out: str, 
         done.append(json.dumps({k: rec[k] for k in ("task", "files", "seconds")} |
                                {"segments": len(rec["rows"]), "skipped": len(rec["skipped"])}))
     return {"done": np.array(done, dtype=object)}
-
-
-_CACHE: dict = {}
-
-
-def _cached(ref):
-    """An object-store value fetched once per worker process (every task gets a new ref object)."""
-    key = ref.hex() if isinstance(ref, ray.ObjectRef) else id(ref)
-    if key not in _CACHE:
-        _CACHE.clear()
-        _CACHE[key] = ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref
-    return _CACHE[key]
 
 
 def _listing_digest(listing: Listing) -> str:
@@ -360,13 +342,13 @@ def _commit(cfg: Config, out: str, plan: dict, listing: Listing, progress) -> di
 
 # --- read ---------------------------------------------------------------------------------------------
 @lru_cache(maxsize=64)
-def _pass_order(n_blocks: int, k: int, seed: int, p: int) -> np.ndarray:
-    """Row-group order of pass p; windows are its consecutive runs of k."""
+def _pass_order(n_blocks: int, seed: int, p: int) -> np.ndarray:
+    """Row-group order of pass p; windows are its consecutive runs of data.shuffle_blocks."""
     return np.random.default_rng([seed, p, 0xB10C]).permutation(n_blocks)
 
 
 def _window_sizes(rows: np.ndarray, k: int, seed: int, p: int) -> np.ndarray:
-    order = _pass_order(len(rows), k, seed, p)
+    order = _pass_order(len(rows), seed, p)
     return np.add.reduceat(rows[order], np.arange(0, len(rows), k))
 
 
@@ -378,6 +360,12 @@ class RankStream:
         self.rows, self.k, self.seed, self.rank, self.world = rows, k, seed, rank, world
         self.n_w = -(-len(rows) // k)
         self._pass_start = [0]  # position of the rank's first clip in pass p, for the passes computed so far
+
+    @classmethod
+    def of(cls, blocks: list, shuffle_blocks: int, seed: int, rank: int, world: int) -> "RankStream":
+        """The stream over a corpus's row groups (`blocks`), windows of at most `shuffle_blocks` of them."""
+        rows = np.array([b[2] for b in blocks], dtype=np.int64)
+        return cls(rows, min(shuffle_blocks, len(rows)), seed, rank, world)
 
     def _mine(self, p: int) -> tuple[np.ndarray, np.ndarray]:
         """(window indices in pass p dealt to this rank, their sizes)."""
@@ -411,7 +399,7 @@ class RankStream:
         return p, w, self.pass_start(p) + int(sizes[:i].sum())
 
     def blocks(self, p: int, w: int) -> np.ndarray:
-        return _pass_order(len(self.rows), self.k, self.seed, p)[w * self.k:(w + 1) * self.k]
+        return _pass_order(len(self.rows), self.seed, p)[w * self.k:(w + 1) * self.k]
 
 
 @lru_cache(maxsize=16)
@@ -463,8 +451,7 @@ def window_segments(stream: RankStream, blocks: list, p: int, w: int, root: str,
 
 def clip_ids(cfg: Config, corpus: dict, rank: int, world: int, n: int) -> list[int]:
     """The segment ids of the first n clips of a rank's stream (to audit what a run consumed)."""
-    rows = np.array([b[2] for b in corpus["blocks"]], dtype=np.int64)
-    stream = RankStream(rows, min(cfg.data.shuffle_blocks, len(rows)), cfg.seed, rank, world)
+    stream = RankStream.of(corpus["blocks"], cfg.data.shuffle_blocks, cfg.seed, rank, world)
     out, j = [], 0
     while len(out) < n:
         p, w, _ = stream.window(j)
@@ -482,11 +469,11 @@ def window_clips(batch: dict[str, np.ndarray], corpus, root: str, seed: int, k: 
     """Ray Data UDF: rows `id` (the rank's windows counted from `first`) -> their clips (x, epoch, clip id,
     stream position), in stream order.  Clips before position `start` (the resume point) are dropped."""
     torch.set_num_threads(1)
-    blocks = _cached(corpus)
+    blocks = fetch_once(corpus)
     key = (corpus.hex() if isinstance(corpus, ray.ObjectRef) else id(corpus), k, seed, rank, world)
     if key not in _STREAMS:  # one per process: its pass positions are computed once
         _STREAMS.clear()
-        _STREAMS[key] = RankStream(np.array([b[2] for b in blocks], dtype=np.int64), k, seed, rank, world)
+        _STREAMS[key] = RankStream.of(blocks, k, seed, rank, world)
     stream = _STREAMS[key]
     waves, epochs, ids, positions = [], [], [], []
     for j in batch["id"]:
@@ -515,9 +502,8 @@ def rank_dataset(cfg: Config, corpus: dict, corpus_ref, rank: int, world: int, s
                  ledger=None) -> "ray.data.Dataset":
     """Rank's clips at positions [start, end) (end rounded up to whole windows), lazily: one row per window,
     so nothing on the driver grows with train.steps."""
-    rows = np.array([b[2] for b in corpus["blocks"]], dtype=np.int64)
-    k = min(cfg.data.shuffle_blocks, len(rows))
-    stream = RankStream(rows, k, cfg.seed, rank, world)
+    stream = RankStream.of(corpus["blocks"], cfg.data.shuffle_blocks, cfg.seed, rank, world)
+    rows, k = stream.rows, stream.k
     j0 = stream.locate(start)[0]
     j1 = stream.locate(max(end - 1, start))[0] + 1
     clips, fc = k * int(rows.max()), cfg.features

@@ -12,7 +12,6 @@ import logging
 import math
 import os
 import posixpath
-import time
 import zlib
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -23,8 +22,8 @@ import torch
 
 from service.audio import ReadAhead, Skip, crop_rng, crops, decode, read_crops
 from service.config import Config, DataConfig, FeaturesConfig, StorageConfig
-from service.features import LogMel, logmel_stats
-from service.storage import FileEntry, join, list_files, read_bytes, resolve
+from service.features import frontend, logmel_stats
+from service.storage import FileEntry, join, list_files, read_bytes, resolve, with_retries
 
 log = logging.getLogger("audio_jepa.data")
 
@@ -209,17 +208,6 @@ def write_skipped_csv(skipped: list[tuple[str, str, str]], path: str) -> str:
     return path
 
 
-_FRONTENDS: dict[str, LogMel] = {}
-
-
-def frontend(cfg: FeaturesConfig) -> LogMel:
-    """One LogMel per process and feature config (building it costs more than a batch)."""
-    key = repr(cfg)
-    if key not in _FRONTENDS:
-        _FRONTENDS[key] = LogMel(cfg)
-    return _FRONTENDS[key]
-
-
 @lru_cache(maxsize=4)
 def _fs(uri_root: str, endpoint: str | None, region: str):
     return resolve(uri_root, endpoint, region)[0]
@@ -240,13 +228,7 @@ def clips_from_files(batch: dict[str, np.ndarray], features: FeaturesConfig, dat
             if size > data.seek_above_mb * 2 ** 20:  # long: read around the crop windows only
                 file_crops = _seek_crops(uri, int(size), fs, features, data, crop_rng(seed, epoch, key))
             else:
-                try:
-                    data_bytes = read_bytes(uri, retries=data.read_retries, fs=fs)
-                except FileNotFoundError:
-                    raise Skip("missing", "no such object") from None
-                except Exception as e:  # after retries
-                    raise Skip("read_error", f"{type(e).__name__}: {str(e)[:120]}") from None
-                wav = decode(data_bytes, features.sample_rate, data.max_channels, data.min_seconds,
+                wav = decode(read_object(uri, fs, data.read_retries), features.sample_rate, data.max_channels, data.min_seconds,
                              data.trim_silence, data.max_decoded_mb)
                 file_crops = crops(wav, clip_len, data.crops_per_file, crop_rng(seed, epoch, key), data.short_audio)
         except Skip as s:  # counted by the ledger; the driver prints one summary line
@@ -269,21 +251,33 @@ def clips_from_files(batch: dict[str, np.ndarray], features: FeaturesConfig, dat
     return {"x": x, "epoch": np.asarray(epochs, dtype=np.int64), "clip": np.asarray(ids, dtype=np.int64)}
 
 
+def read_object(uri: str, fs, retries: int) -> bytes:
+    """A whole object, retried; a missing one is Skip("missing"), one still unreadable Skip("read_error")
+    (storage, not audio: it has its own limit)."""
+    try:
+        return read_bytes(uri, retries=retries, fs=fs)
+    except FileNotFoundError:
+        raise Skip("missing", "no such object") from None
+    except Exception as e:  # after retries
+        raise Skip("read_error", f"{type(e).__name__}: {str(e)[:120]}") from None
+
+
 def _seek_crops(uri: str, size: int, fs, features: FeaturesConfig, data: DataConfig, rng) -> list[np.ndarray]:
     """A long object's crops, read around their windows (opening retried like whole reads)."""
-    path = uri[len("s3://"):] if uri.startswith("s3://") else uri
-    for attempt in range(data.read_retries):
-        try:
-            with fs.open_input_file(path) as f:
-                return read_crops(ReadAhead(f, size), features.sample_rate, features.clip_samples,
-                                  data.crops_per_file, rng, data.max_channels, data.short_audio)
-        except FileNotFoundError:
-            raise Skip("missing", "no such object") from None
-        except OSError as e:
-            if attempt == data.read_retries - 1:
-                raise Skip("read_error", f"{type(e).__name__}: {str(e)[:120]}") from None
-            time.sleep(min(0.2 * 2 ** attempt, 5.0))
-    raise AssertionError("unreachable")
+    def read(f):
+        return read_crops(ReadAhead(f, size), features.sample_rate, features.clip_samples, data.crops_per_file,
+                          rng, data.max_channels, data.short_audio)
+    try:
+        return with_retries(lambda: _open_and(fs, uri, read), data.read_retries)
+    except FileNotFoundError:
+        raise Skip("missing", "no such object") from None
+    except OSError as e:
+        raise Skip("read_error", f"{type(e).__name__}: {str(e)[:120]}") from None
+
+
+def _open_and(fs, uri: str, fn):
+    with fs.open_input_file(uri[len("s3://"):] if uri.startswith("s3://") else uri) as f:
+        return fn(f)
 
 
 def measure_stats(cfg: Config, listing: Listing) -> dict[str, float]:
@@ -323,7 +317,18 @@ def _order(n_files: int, seed: int, epoch: int) -> np.ndarray:
     return epoch_order(n_files, seed, epoch)
 
 
-_FILES: dict = {}
+_FETCHED: dict = {}
+
+
+def fetch_once(value):
+    """An object-store value fetched once per worker process (keyed by the ref's id: every task receives a
+    new ObjectRef object for the same value); plain values pass through."""
+    if not isinstance(value, ray.ObjectRef):
+        return value
+    if value.hex() not in _FETCHED:
+        _FETCHED.clear()
+        _FETCHED[value.hex()] = ray.get(value)
+    return _FETCHED[value.hex()]
 
 
 def plan_rows(batch: dict[str, np.ndarray], files, seed: int, start_epoch: int) -> dict[str, np.ndarray]:
@@ -331,11 +336,7 @@ def plan_rows(batch: dict[str, np.ndarray], files, seed: int, start_epoch: int) 
 
     Passes are computed where they are read, never materialised: the driver holds one list of the
     files, whatever train.steps is."""
-    key = files.hex() if isinstance(files, ray.ObjectRef) else id(files)  # each task gets a new ref object
-    if key not in _FILES:  # the listing, fetched once per worker process
-        _FILES.clear()
-        _FILES[key] = ray.get(files) if isinstance(files, ray.ObjectRef) else files
-    uris, keys, sizes = _FILES[key]
+    uris, keys, sizes = fetch_once(files)
     n = len(uris)
     ids = batch["id"].astype(np.int64)
     epochs = start_epoch + ids // n
@@ -375,4 +376,5 @@ def build_dataset(cfg: Config, listing: "Listing | tuple", ledger=None, passes: 
 
 
 __all__ = ["Listing", "DataLedger", "DataSourceError", "list_source", "build_dataset", "clips_from_files",
-           "epoch_order", "check_skips", "passes_needed", "quiet_ray_data", "measure_stats", "put_listing"]
+           "epoch_order", "check_skips", "passes_needed", "quiet_ray_data", "measure_stats", "put_listing",
+           "read_object", "fetch_once"]

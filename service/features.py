@@ -69,7 +69,7 @@ def logmel_sums(wav, cfg: FeaturesConfig) -> tuple[float, float, int]:
     """(sum, sum of squares, count) of the raw log-mel over the real frames (never padding) of at most one
     clip of `wav`: partial sums that add up across files, tasks and machines."""
     wav = wav[:cfg.clip_samples]
-    fe = _unnormalised(cfg)
+    fe = frontend(cfg, normalise=False)
     x = fe(torch.as_tensor(wav, dtype=torch.float32)[None])[0, :, :min(cfg.frames_for(len(wav)), cfg.n_frames)]
     x = x.double()
     return x.sum().item(), x.pow(2).sum().item(), x.numel()
@@ -92,15 +92,15 @@ def logmel_stats(wavs, cfg: FeaturesConfig) -> dict[str, float] | None:
     return stats_from_sums(*sums)
 
 
-_UNNORMALISED: dict[str, "LogMel"] = {}
+_FRONTENDS: dict[tuple[str, bool], "LogMel"] = {}
 
 
-def _unnormalised(cfg: FeaturesConfig) -> "LogMel":
-    """One raw front end per process and feature config (building one costs more than a clip)."""
-    key = repr(cfg)
-    if key not in _UNNORMALISED:
-        _UNNORMALISED[key] = LogMel(cfg, normalise=False)
-    return _UNNORMALISED[key]
+def frontend(cfg: FeaturesConfig, normalise: bool = True) -> "LogMel":
+    """One LogMel per process, feature config and normalisation (building one costs more than a batch)."""
+    key = (repr(cfg), normalise)
+    if key not in _FRONTENDS:
+        _FRONTENDS[key] = LogMel(cfg, normalise=normalise)
+    return _FRONTENDS[key]
 
 
 def fit_frames(x: torch.Tensor, n_frames: int) -> torch.Tensor:

@@ -85,17 +85,11 @@ def list_files(root: str, extensions: list[str] | None = None, endpoint: str | N
     return out, ignored
 
 
-def read_bytes(uri: str, endpoint: str | None = None, region: str | None = None, retries: int = 5,
-               fs: pafs.FileSystem | None = None) -> bytes:
-    """Whole object, retrying transient errors with backoff (missing objects are not retried)."""
-    if fs is None:
-        fs, path = resolve(uri, endpoint, region)
-    else:
-        path = uri[len("s3://"):] if uri.startswith("s3://") else uri
+def with_retries(fn, retries: int = 5):
+    """fn() retrying transient storage errors (OSError) with backoff; a missing object is not retried."""
     for attempt in range(retries):
         try:
-            with fs.open_input_stream(path) as f:
-                return f.read()
+            return fn()
         except FileNotFoundError:
             raise
         except OSError:
@@ -103,6 +97,20 @@ def read_bytes(uri: str, endpoint: str | None = None, region: str | None = None,
                 raise
             time.sleep(min(0.2 * 2 ** attempt, 5.0))
     raise AssertionError("unreachable")
+
+
+def read_bytes(uri: str, endpoint: str | None = None, region: str | None = None, retries: int = 5,
+               fs: pafs.FileSystem | None = None) -> bytes:
+    """Whole object, retrying transient errors with backoff (missing objects are not retried)."""
+    if fs is None:
+        fs, path = resolve(uri, endpoint, region)
+    else:
+        path = uri[len("s3://"):] if uri.startswith("s3://") else uri
+
+    def read() -> bytes:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    return with_retries(read, retries)
 
 
 def write_bytes(uri: str, data: bytes, endpoint: str | None = None, region: str | None = None) -> None:

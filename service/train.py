@@ -565,7 +565,8 @@ def _corpus_dataset(cfg: Config, segment_seconds: float, blocks, rank: int, ledg
     quiet_ray_data()
     per_worker = cfg.train.batch_size // cfg.train.workers
     start = int(_resume_point(cfg).get("data_position", 0))
-    return rank_dataset(cfg, {"segment_seconds": segment_seconds, "blocks": ray.get(blocks)}, blocks, rank, cfg.train.workers, start,
+    corpus = {"segment_seconds": segment_seconds, "blocks": ray.get(blocks)}
+    return rank_dataset(cfg, corpus, blocks, rank, cfg.train.workers, start,
                         max(cfg.train.steps * per_worker, start + per_worker), ledger)
 
 
