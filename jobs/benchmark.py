@@ -249,6 +249,21 @@ def bench_data(args) -> None:
     emit(res, rows, args.json)
 
 
+def _demo_shards(config: str, overrides: list[str]) -> str:
+    """The demo corpus prepared into shards at the config's sample rate (prepared if missing): decoded
+    once, it trains ~2.5x faster than the raw files on 2 cores (the quality study's default data)."""
+    from service.config import load_config
+    from service.corpus import PrepareOptions, is_corpus, prepare
+    raw = _demo_source()
+    cfg = load_config(config, overrides + [f"data.source={raw}"])
+    rate = cfg.features.sample_rate
+    shards = raw + ("-shards" if rate == 16000 else f"-shards-{rate // 1000}k")
+    init_ray(min_cpus=cfg.train.workers * cfg.train.cpus_per_worker + 1)
+    if not is_corpus(shards, cfg.storage):
+        prepare(cfg, shards, PrepareOptions())
+    return shards
+
+
 def _demo_source() -> str:
     """The demo corpus's pretraining audio (built if missing)."""
     from jobs.demo import DEV_TASKS
@@ -303,7 +318,7 @@ def bench_quality(args) -> None:
 
     if not args.source:
         from jobs.demo import DEV_TASKS
-        args.source = _demo_source()
+        args.source = _demo_shards(args.config, args.overrides)
         args.task = args.task or [str(DEMO_DIR / "tasks" / t) for t in DEV_TASKS]
     if not args.task:
         raise SystemExit("quality needs --task (one or more labeled tasks) when --source is given")
