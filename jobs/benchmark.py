@@ -251,7 +251,7 @@ def bench_data(args) -> None:
 
 def _demo_shards(config: str, overrides: list[str]) -> str:
     """The demo corpus prepared into shards at the config's sample rate (prepared if missing): decoded
-    once, it trains ~2.5x faster than the raw files on 2 cores (the quality study's default data)."""
+    once, so no training step waits on decoding (the quality study's default data)."""
     from service.config import load_config
     from service.corpus import PrepareOptions, is_corpus, prepare
     raw = _demo_source()

@@ -184,7 +184,8 @@ def prepare_task(task: int, uris, keys, start: int, end: int, out: str, opts: Pr
         root = "s3://" if uri.startswith("s3://") else "/"
         fs = fs_cache.setdefault(root, resolve(root, st.s3_endpoint, st.s3_region)[0])
         try:
-            wav = decode(read_object(uri, fs, dc.read_retries), fc.sample_rate, dc.max_channels, dc.min_seconds, dc.trim_silence, dc.max_decoded_mb)
+            wav = decode(read_object(uri, fs, dc.read_retries), fc.sample_rate, dc.max_channels, dc.min_seconds,
+                         dc.trim_silence, dc.max_decoded_mb)
         except Skip as s:
             skipped.append([uri, s.reason, s.detail])
             continue

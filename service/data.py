@@ -228,8 +228,8 @@ def clips_from_files(batch: dict[str, np.ndarray], features: FeaturesConfig, dat
             if size > data.seek_above_mb * 2 ** 20:  # long: read around the crop windows only
                 file_crops = _seek_crops(uri, int(size), fs, features, data, crop_rng(seed, epoch, key))
             else:
-                wav = decode(read_object(uri, fs, data.read_retries), features.sample_rate, data.max_channels, data.min_seconds,
-                             data.trim_silence, data.max_decoded_mb)
+                wav = decode(read_object(uri, fs, data.read_retries), features.sample_rate, data.max_channels,
+                             data.min_seconds, data.trim_silence, data.max_decoded_mb)
                 file_crops = crops(wav, clip_len, data.crops_per_file, crop_rng(seed, epoch, key), data.short_audio)
         except Skip as s:  # counted by the ledger; the driver prints one summary line
             log.debug("skipped %s: %s", uri, s)
