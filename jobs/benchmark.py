@@ -328,22 +328,36 @@ def bench_quality(args) -> None:
         raise SystemExit(f"--ablate {','.join(unknown)}: unknown (choose from {', '.join(ABLATIONS)} or all)")
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     base = load_config(args.config, args.overrides + [f"data.source={args.source}", "mlflow.tracking_uri="])
-    init_ray(min_cpus=base.train.workers * base.train.cpus_per_worker + 1)
     budgets = [int(x) for x in str(args.steps or "200,400").split(",")]
     out = Path(args.json or "var/quality/quality.json")
     out.parent.mkdir(parents=True, exist_ok=True)
+    tasks = [str(Path(t).resolve()) if "://" not in t else t for t in args.task]
+    # runs already done with the same config and tasks are kept: an interrupted study's (PATH.partial.json,
+    # refused if its settings differ) or a finished one's (PATH), so a study resumes or grows by seeds
     partial = out.with_suffix(".partial.json")
+    study = json.loads(json.dumps({"config": base.to_dict(), "tasks": tasks}))
+    saved = json.loads(partial.read_text()) if partial.exists() else None
+    if saved is not None and (not isinstance(saved, dict) or saved.get("study") != study):
+        raise SystemExit(f"{partial}: runs of a study with other settings (config or tasks differ); "
+                         f"remove it or choose another --json")
+    if saved is None and out.exists():
+        saved = json.loads(out.read_text())
+        saved = saved if saved.get("study") == study else None
+    done = saved["rows"] if saved else []
+    if done:
+        print(f"resuming: {len(done)} rows of earlier runs with the same settings are kept", flush=True)
+    init_ray(min_cpus=base.train.workers * base.train.cpus_per_worker + 1)
     with tempfile.TemporaryDirectory() as tmp:
-        rows = run_study(base, [str(Path(t).resolve()) if "://" not in t else t for t in args.task], budgets,
-                         args.seeds, tmp, str(out.parent / "cache"), ablate, args.ablation_steps, args.ablation_seeds,
-                         on_rows=lambda r: partial.write_text(json.dumps(r, indent=1)))
+        rows = run_study(base, tasks, budgets, args.seeds, tmp, str(out.parent / "cache"), ablate,
+                         args.ablation_steps, args.ablation_seeds, done=done,
+                         on_rows=lambda r: partial.write_text(json.dumps({"study": study, "rows": r}, indent=1)))
     partial.unlink(missing_ok=True)
     md = table(rows)
     png = plot(rows, str(out.with_suffix(".png")))
     out.with_suffix(".md").write_text(md + "\n")
     print(md, flush=True)
-    emit({"config": args.config, "budgets": budgets, "seeds": args.seeds, "ablations": ablate, "rows": rows,
-          "markdown": md, "plot": png}, [("table", str(out.with_suffix(".md"))), ("plot", png)], str(out))
+    emit({"study": study, "config": args.config, "budgets": budgets, "seeds": args.seeds, "ablations": ablate,
+          "rows": rows, "markdown": md, "plot": png}, [("table", str(out.with_suffix(".md"))), ("plot", png)], str(out))
 
 
 def main(argv=None) -> int:

@@ -114,10 +114,11 @@ def plot(rows: list[dict], path: str, probe: str = "linear") -> str:
 
 def run_study(base, tasks: list[str], budgets: list[int], seeds: int, storage: str, cache_dir: str,
               ablate: list[str] = (), ablation_steps: int = 0, ablation_seeds: int = 2, progress=print,
-              on_rows=None) -> list[dict]:
+              on_rows=None, done: list[dict] = ()) -> list[dict]:
     """All runs of the study, in order; each row says its variant ("recipe" or the change switched back).
 
-    `on_rows(rows)` is called after every run with all rows so far (a long study saves as it goes)."""
+    `on_rows(rows)` is called after every run with all rows so far (a long study saves as it goes);
+    `done` holds rows of an earlier study with the same config and tasks: its runs are kept, not rerun."""
     plan = [("recipe", {}, steps, seed) for steps in budgets for seed in range(seeds)]
     a_steps = ablation_steps or budgets[-1]
     if ablate:  # the recipe itself at the ablations' budget and seeds, unless the main grid has it
@@ -128,14 +129,19 @@ def run_study(base, tasks: list[str], budgets: list[int], seeds: int, storage: s
             plan += [(name, ABLATIONS[name], a_steps, seed) for seed in range(ablation_seeds)]
     rows = []
     for i, (variant, overrides, steps, seed) in enumerate(plan, start=1):
+        readouts = {n: ABLATIONS[n] for n in ablate if n in EVAL_ONLY} \
+            if variant == "recipe" and steps == a_steps and seed < ablation_seeds else {}
+        kept = [r for r in done if (r["steps"], r["seed"]) == (steps, seed) and r["variant"] in {variant, *readouts}]
+        if {r["variant"] for r in kept} == {variant, *readouts}:
+            progress(f"[study {i}/{len(plan)}] {variant}: {steps} steps, seed {seed}: kept from {len(kept)} saved rows")
+            rows += kept
+            continue
         progress(f"[study {i}/{len(plan)}] {variant}: {steps} steps, seed {seed}")
         cfg = base.with_overrides({**overrides, "train.steps": steps, "seed": seed,
                                    "checkpoint.every_steps": steps,
                                    "optim.warmup_steps": min(base.optim.warmup_steps, max(steps // 10, 1)),
                                    "run_name": f"study-{variant}-{steps}-s{seed}",
                                    "checkpoint.storage_path": os.path.join(storage, variant)})
-        readouts = {n: ABLATIONS[n] for n in ablate if n in EVAL_ONLY} \
-            if variant == "recipe" and steps == a_steps and seed < ablation_seeds else {}
         for v, got in run_one(cfg, tasks, cache_dir, progress, readouts).items():
             rows += [{**r, "variant": v or variant} for r in got]
         if on_rows is not None:

@@ -15,15 +15,24 @@ SMALL = ["model.width=32", "model.depth=1", "model.heads=2", "model.pred_width=3
 def test_quality_study_pairs_each_run_with_its_random_init(clean_corpus_dir, tmp_path):
     task = make_task(tmp_path / "bands", per_split=(6, 3, 3))
     out = tmp_path / "q" / "quality.json"
-    args = [sys.executable, "-m", "jobs.benchmark", "quality", "--config", "tiny", "--source", str(clean_corpus_dir),
-            "--task", str(task), "--steps", "3", "--seeds", "2", "--ablate", "readout", "--ablation-seeds", "1",
-            "--json", str(out)]
-    for s in SMALL:
-        args += ["--set", s]
-    r = subprocess.run(args, capture_output=True, text=True, timeout=900)
+
+    def study(seeds: int, *extra: str) -> subprocess.CompletedProcess:
+        args = [sys.executable, "-m", "jobs.benchmark", "quality", "--config", "tiny", "--source",
+                str(clean_corpus_dir), "--task", str(task), "--steps", "3", "--seeds", str(seeds),
+                "--ablate", "readout", "--ablation-seeds", "1", "--json", str(out)]
+        for s in SMALL + list(extra):
+            args += ["--set", s]
+        return subprocess.run(args, capture_output=True, text=True, timeout=900)
+
+    r = study(1)
     assert r.returncode == 0, r.stderr[-3000:]
+    first = json.loads(out.read_text())["rows"]
+    r = study(2)  # grows the finished study by a seed: seed 0 (and its readout rows) kept, seed 1 trained
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "3 steps, seed 0: kept" in r.stdout and "3 steps, seed 1: kept" not in r.stdout
     res = json.loads(out.read_text())
     rows = res["rows"]
+    assert [x for x in rows if x["seed"] == 0] == first
     runs = {(x["variant"], x["seed"]) for x in rows}
     assert runs == {("recipe", 0), ("recipe", 1), ("readout", 0)}  # readout: the same run read out the old way
     for variant, seed in runs:  # every run: jepa, its random init and log-mel, linear and kNN, on test
@@ -31,8 +40,10 @@ def test_quality_study_pairs_each_run_with_its_random_init(clean_corpus_dir, tmp
         assert got == {(m, p) for m in ("jepa", "random", "logmel") for p in ("linear", "knn")}
     # the looping recipe never trains on constant padding (the toy corpus has a 0.8 s file)
     assert {x["target_silence_fraction"] for x in rows} == {0.0}
-    dims = {x["variant"]: x for x in rows}
-    assert dims["readout"]["seed"] == 0
     md = (tmp_path / "q" / "quality.md").read_text()
     assert "| recipe | bands | 3 | 2 |" in md and "JEPA − random" in md and "± " in md
     assert (tmp_path / "q" / "quality.png").stat().st_size > 1000
+    # an interrupted study's saved runs are never mixed with runs of other settings
+    out.with_suffix(".partial.json").write_text(json.dumps({"study": res["study"], "rows": rows[:1]}))
+    r = study(2, "optim.lr=0.002")
+    assert r.returncode != 0 and "quality.partial.json: runs of a study with other settings" in r.stderr + r.stdout
