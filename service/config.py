@@ -209,12 +209,16 @@ class LossConfig:
     target_norm: str = "layernorm"  # none | layernorm (per-token standardised, no affine: I-JEPA, Audio-JEPA)
     #                                 | instancenorm (each block's output standardised over the clip's tokens, data2vec)
     target_layers: int = 1          # targets average the last N target-encoder blocks (data2vec: 8 of 12)
+    var_weight: float = 0.0         # VICReg variance term on the context encoder's tokens (C-JEPA): hinge on
+    cov_weight: float = 0.0         # each channel's std at 1; covariance term: squared off-diagonal covariance / D
 
     def validate(self) -> None:
         _check(self.kind in ("l2", "smooth_l1", "cosine"), "loss.kind", self.kind, "l2, smooth_l1 or cosine")
         _check(self.target_norm in ("none", "layernorm", "instancenorm"), "loss.target_norm",
                self.target_norm, "none, layernorm or instancenorm")
         _check(self.target_layers >= 1, "loss.target_layers", self.target_layers, ">= 1 (and at most model.depth)")
+        for key in ("var_weight", "cov_weight"):
+            _check(getattr(self, key) >= 0, f"loss.{key}", getattr(self, key), ">= 0")
 
 
 @dataclass

@@ -151,6 +151,16 @@ def jepa_loss(pred: torch.Tensor, target: torch.Tensor, cfg: LossConfig) -> torc
     return (2 - 2 * F.cosine_similarity(pred, target, dim=-1)).mean()
 
 
+def variance_covariance(z: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
+    """VICReg's anti-collapse terms over tokens [.., D]: every channel keeps a std of 1 and channels decorrelate."""
+    z = z.float().reshape(-1, z.shape[-1])
+    z = z - z.mean(0)
+    std = torch.sqrt(z.var(0) + 1e-4)
+    cov = (z.T @ z) / (z.shape[0] - 1)
+    off = cov - torch.diag(torch.diag(cov))
+    return cfg.var_weight * F.relu(1 - std).mean() + cfg.cov_weight * off.pow(2).sum() / z.shape[-1]
+
+
 class AudioJEPA(nn.Module):
     """Context encoder + predictor (trained) and EMA target encoder (no gradients)."""
 
@@ -188,7 +198,10 @@ class AudioJEPA(nn.Module):
             patches, t = patches.repeat_interleave(k, 0), t.repeat_interleave(k, 0)
         z = self.encoder(patches, ctx)
         pred = self.predictor(z, ctx, tgt)
-        return jepa_loss(pred, gather_tokens(t, tgt), self.loss_cfg), h.detach()
+        loss = jepa_loss(pred, gather_tokens(t, tgt), self.loss_cfg)
+        if self.loss_cfg.var_weight or self.loss_cfg.cov_weight:
+            loss = loss + variance_covariance(z, self.loss_cfg)
+        return loss, h.detach()
 
     @torch.no_grad()
     def ema_update(self, tau: float) -> None:

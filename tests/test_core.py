@@ -9,7 +9,7 @@ import torch
 from service.config import ConfigError, load_config
 from service.features import LogMel, patchify, unpatchify
 from service.masks import GEOMETRIES, MaskGenerator, render_masks
-from service.model import AudioJEPA, Encoder, sincos_2d
+from service.model import AudioJEPA, Encoder, sincos_2d, variance_covariance
 from service.optim import apply_schedules, build_optimizer, lr_at, tau_at
 
 torch.set_num_threads(2)
@@ -271,6 +271,24 @@ def test_instance_normed_multi_layer_targets():
     model.loss_cfg = dataclasses.replace(model.loss_cfg, target_layers=2)
     t2, h2 = model.targets(batch(cfg, b=3))
     assert torch.equal(h, h2) and not torch.allclose(t, t2)  # another target, the same monitored tokens
+
+
+def test_variance_covariance_penalises_collapse_only():
+    """C-JEPA's terms: zero for decorrelated unit-variance channels, large for collapsed or duplicated ones."""
+    cfg = small_cfg(**{"loss.var_weight": 1.0, "loss.cov_weight": 1.0}).loss
+    g = torch.Generator().manual_seed(0)
+    spread = torch.randn(4000, 16, generator=g)
+    assert variance_covariance(spread, cfg) < 0.05
+    collapsed = spread[:1].expand(4000, -1) + 1e-3 * spread  # every token the same vector
+    assert variance_covariance(collapsed, cfg) > 0.9
+    low_rank = spread[:, :2].repeat(1, 8)  # 16 channels carrying 2 dimensions
+    assert variance_covariance(low_rank, cfg) > 5
+    model = AudioJEPA(small_cfg(**{"loss.var_weight": 1.0}))
+    model_off = AudioJEPA(small_cfg())
+    model_off.load_state_dict(model.state_dict())
+    p = batch(small_cfg(), b=2)
+    ctx, tgt = torch.arange(0, 20).expand(2, -1), torch.arange(20, 40).expand(2, -1)
+    assert model(p, ctx, tgt)[0] > model_off(p, ctx, tgt)[0]  # the term is part of the trained loss
 
 
 def test_encoder_handles_other_grids():
