@@ -211,12 +211,15 @@ class LossConfig:
     target_layers: int = 1          # targets average the last N target-encoder blocks (data2vec: 8 of 12)
     var_weight: float = 0.0         # VICReg variance term on the context encoder's tokens (C-JEPA): hinge on
     cov_weight: float = 0.0         # each channel's std at 1; covariance term: squared off-diagonal covariance / D
+    vc_over: str = "tokens"         # the samples of those statistics: tokens (every context token of the batch)
+    #                                 | clips (each clip's mean context token)
 
     def validate(self) -> None:
         _check(self.kind in ("l2", "smooth_l1", "cosine"), "loss.kind", self.kind, "l2, smooth_l1 or cosine")
         _check(self.target_norm in ("none", "layernorm", "instancenorm"), "loss.target_norm",
                self.target_norm, "none, layernorm or instancenorm")
         _check(self.target_layers >= 1, "loss.target_layers", self.target_layers, ">= 1 (and at most model.depth)")
+        _check(self.vc_over in ("tokens", "clips"), "loss.vc_over", self.vc_over, "tokens or clips")
         for key in ("var_weight", "cov_weight"):
             _check(getattr(self, key) >= 0, f"loss.{key}", getattr(self, key), ">= 0")
 

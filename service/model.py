@@ -200,7 +200,7 @@ class AudioJEPA(nn.Module):
         pred = self.predictor(z, ctx, tgt)
         loss = jepa_loss(pred, gather_tokens(t, tgt), self.loss_cfg)
         if self.loss_cfg.var_weight or self.loss_cfg.cov_weight:
-            loss = loss + variance_covariance(z, self.loss_cfg)
+            loss = loss + variance_covariance(z.mean(1) if self.loss_cfg.vc_over == "clips" else z, self.loss_cfg)
         return loss, h.detach()
 
     @torch.no_grad()

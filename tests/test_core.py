@@ -289,6 +289,11 @@ def test_variance_covariance_penalises_collapse_only():
     p = batch(small_cfg(), b=2)
     ctx, tgt = torch.arange(0, 20).expand(2, -1), torch.arange(20, 40).expand(2, -1)
     assert model(p, ctx, tgt)[0] > model_off(p, ctx, tgt)[0]  # the term is part of the trained loss
+    clips = AudioJEPA(small_cfg(**{"loss.var_weight": 1.0, "loss.vc_over": "clips"}))
+    clips.load_state_dict(model.state_dict())
+    z = model.encoder(p, ctx)
+    assert torch.allclose(clips(p, ctx, tgt)[0] - model_off(p, ctx, tgt)[0],
+                          variance_covariance(z.mean(1), clips.loss_cfg), atol=1e-5)  # one sample per clip
 
 
 def test_encoder_handles_other_grids():
@@ -305,7 +310,7 @@ def test_schedules_by_step():
     assert tau_at(0, 500, cfg.ema) == pytest.approx(0.996)
     assert tau_at(500, 500, cfg.ema) == pytest.approx(1.0)
     assert tau_at(250, 500, cfg.ema) == pytest.approx(0.998)
-    lin = load_config("tiny").ema  # tiny's own: linear, sized for short runs
+    lin = load_config("tiny", ["ema.tau_start=0.99", "ema.tau_end=0.999", "ema.schedule=linear"]).ema
     assert tau_at(0, 500, lin) == pytest.approx(lin.tau_start) and tau_at(500, 500, lin) == pytest.approx(lin.tau_end)
     assert tau_at(250, 500, lin) == pytest.approx((lin.tau_start + lin.tau_end) / 2)
     assert lr_at(49, 500, cfg.optim) == pytest.approx(cfg.optim.lr)
