@@ -13,11 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
-# each recipe change, and the overrides that switch it back to what the service did before
+# each recipe choice, and the overrides of the alternative it is measured against (mostly what the service did before)
 ABLATIONS: dict[str, dict] = {
     "padding": {"data.short_audio": "pad", "data.trim_silence": False},
     "stats": {"features.mean": -11.8, "features.std": 9.6},
-    "ema": {"ema.tau_start": 0.996, "ema.tau_end": 1.0, "ema.schedule": "cosine"},
+    "ema": {"ema.tau_start": 0.99, "ema.tau_end": 0.999, "ema.schedule": "linear"},  # faster, "run-sized" EMA
     "ratio": {"masking.ratio": [0.4, 0.6]},
     "readout": {"readout.frames": "mean", "readout.pooling": "mean"},  # evaluation only: no retraining
 }
