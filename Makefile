@@ -21,7 +21,7 @@ demo: setup
 	$(PY) -m jobs.demo
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 bench: setup
 	$(PY) -m jobs.benchmark model --config tiny --json var/bench-model.json
