@@ -476,19 +476,20 @@ def window_clips(batch: dict[str, np.ndarray], corpus, root: str, seed: int, k: 
         _STREAMS.clear()
         _STREAMS[key] = RankStream.of(blocks, k, seed, rank, world)
     stream = _STREAMS[key]
-    waves, epochs, ids, positions = [], [], [], []
+    waves, epochs, ids, positions, sources = [], [], [], [], set()
     for j in batch["id"]:
         p, w, pos0 = stream.window(first + int(j))
         for i, (key, seg, pcm, sid) in enumerate(window_segments(stream, blocks, p, w, root, st)):
             if pos0 + i < start:
                 continue
+            sources.add(key)
             audio = np.frombuffer(pcm, dtype="<i2") if dc.features_in == "trainer" else from_pcm(pcm)
             waves.append(crops(audio, fc.clip_samples, 1, segment_crop_rng(seed, p, key, seg), dc.short_audio)[0])
             epochs.append(p)
             ids.append(sid)
             positions.append(pos0 + i)
     if ledger is not None:
-        ray.get(ledger.record.remote([], len(waves), []))
+        ray.get(ledger.record.remote(sorted(sources), len(waves), []))  # the source files these clips came from
     if dc.features_in == "trainer":  # int16 PCM as stored, cropped as is: half the bytes; the trainer scales it
         x = np.stack(waves) if waves else np.zeros((0, fc.clip_samples), np.int16)
     elif waves:

@@ -70,6 +70,7 @@ def test_fault_injection_resumes_exactly_and_resubmission_continues(clean_corpus
     assert m["target_silence_fraction"] == 0.0  # short files are looped, never zero-padded
     assert ckpt.config_of(state).features.mean is not None  # the corpus's normalisation is in the checkpoint
     assert summary["data"]["files"] == 6 and summary["data"]["skipped"] == {}
+    assert 0 < m["data_files_seen"] <= 6  # the ledger counts the source files behind the shards' clips
     assert summary["data"]["prepared"] == str(corpus)
     # the injected failure happened and was recovered from
     assert (tmp_path / "fault" / "fault_injected_at_step_6").exists()
