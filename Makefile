@@ -3,6 +3,9 @@ SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
+# test files run in 2 processes (a file's tests stay together: module fixtures, ordered tests), the slowest
+# files first (tests/conftest.py): much of the suite waits on Ray, MLflow and S3 start-up
+TEST_PROCS ?= 2
 export PYTHONUNBUFFERED := 1
 
 .PHONY: setup demo test bench clean
@@ -21,7 +24,7 @@ demo: setup
 	$(PY) -m jobs.demo
 
 test: setup
-	$(PY) -m pytest -q --durations=15 tests
+	$(PY) -m pytest -q -n $(TEST_PROCS) --dist loadfile --no-loadscope-reorder --durations=15 tests
 
 bench: setup
 	$(PY) -m jobs.benchmark model --config tiny --json var/bench-model.json
