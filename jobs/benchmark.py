@@ -90,7 +90,7 @@ def time_steps(cfg, naive: bool, steps: int, warmup: int = 3) -> float:
         for i in range(warmup + steps):
             m = gen(b, np.random.default_rng(i))
             t0 = time.perf_counter()
-            loss, _ = model(patches, m.context, m.target)
+            loss, *_ = model(patches, m.context, m.target)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -188,7 +188,8 @@ class AudioJEPA(nn.Module):
         return t, h
 
     def forward(self, patches: torch.Tensor, ctx: torch.Tensor, tgt: torch.Tensor):
-        """Returns (loss, target-encoder tokens [B, N, D], for collapse monitors).
+        """Returns (loss, target-encoder tokens [B, N, D] for collapse monitors, the loss's parts: jepa_loss and
+        vc_loss, detached, when the variance/covariance terms are on, else {}).
 
         `ctx`/`tgt` may hold k masks per clip ([k*B, …], clip-major): the target encoder runs once per clip
         and the context encoder + predictor once per mask (EAT's multi-mask)."""
@@ -199,9 +200,10 @@ class AudioJEPA(nn.Module):
         z = self.encoder(patches, ctx)
         pred = self.predictor(z, ctx, tgt)
         loss = jepa_loss(pred, gather_tokens(t, tgt), self.loss_cfg)
-        if self.loss_cfg.var_weight or self.loss_cfg.cov_weight:
-            loss = loss + variance_covariance(z.mean(1) if self.loss_cfg.vc_over == "clips" else z, self.loss_cfg)
-        return loss, h.detach()
+        if not (self.loss_cfg.var_weight or self.loss_cfg.cov_weight):
+            return loss, h.detach(), {}
+        vc = variance_covariance(z.mean(1) if self.loss_cfg.vc_over == "clips" else z, self.loss_cfg)
+        return loss + vc, h.detach(), {"jepa_loss": loss.detach(), "vc_loss": vc.detach()}
 
     @torch.no_grad()
     def ema_update(self, tau: float) -> None:

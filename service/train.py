@@ -245,7 +245,7 @@ class WorkerRun:
         ctx, tgt = m.context.to(self.device), m.target.to(self.device)
         self.sched = apply_schedules(self.opt, self.step, cfg)
         with self.autocast:
-            loss, h = self.model(patches, ctx, tgt)
+            loss, h, parts = self.model(patches, ctx, tgt)
         self.opt.zero_grad(set_to_none=True)
         if agree(float(torch.isfinite(loss).item()), "min", self.device) < 1:
             self._skip_nonfinite("loss")
@@ -265,6 +265,7 @@ class WorkerRun:
         self.step += 1
         self.core.ema_update(tau_at(self.step, self.total, cfg.ema))
         self.window.add(self.per_worker * self.world, loss=loss.item(), grad_norm=float(gnorm), mask_ratio=m.ratio,
+                        **{k: v.item() for k, v in parts.items()},
                         target_silence_fraction=constant_fraction(patches.repeat_interleave(cfg.masking.per_clip, 0), tgt))
         if self.resume_record is not None:  # written after the first step: it also times the recovery
             _write_resume_record(cfg, {**self.resume_record, "first_step_time": time.time()})
@@ -297,7 +298,9 @@ class WorkerRun:
                    **self.window.metrics(), **self.sched, "tau": tau_at(self.step, self.total, c.ema),
                    "epoch": self.epoch, "step": self.step, "skipped_steps": self.skipped_steps,
                    "data_position": self.data_position, **collapse_stats(h)}
-        metrics["loss"] = agree(metrics["loss"], "mean", self.device)
+        for k in ("loss", "jepa_loss", "vc_loss"):
+            if k in metrics:
+                metrics[k] = agree(metrics[k], "mean", self.device)
         # one number for "which clips, in which order, on which rank": equal runs, equal digest
         metrics["data_digest"] = agree(self.data_digest * (self.rank + 1), "sum", self.device)
         self.window = Window()

@@ -196,7 +196,7 @@ def test_target_encoder_gets_no_grad_and_ema_matches_formula():
     model = AudioJEPA(cfg)
     p = batch(cfg)
     m = MaskGenerator(cfg.masking, cfg.features.grid)(p.shape[0], np.random.default_rng(0))
-    loss, _ = model(p, m.context, m.target)
+    loss, *_ = model(p, m.context, m.target)
     loss.backward()
     assert all(q.grad is None for q in model.target_encoder.parameters())
     assert all(q.grad is not None for q in model.encoder.parameters())
@@ -223,7 +223,7 @@ def test_tiny_model_overfits_one_batch(kind):
     # freeze the targets (tau=1) so the objective is stationary: pure fitting capacity
     losses = []
     for _ in range(60):
-        loss, _ = model(p, m.context, m.target)
+        loss, *_ = model(p, m.context, m.target)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -237,7 +237,7 @@ def test_silent_input_gives_finite_loss():
     spec = LogMel(cfg.features)(torch.zeros(4, cfg.features.clip_samples))
     p = patchify(spec, 16, 16)
     m = MaskGenerator(cfg.masking, cfg.features.grid)(4, np.random.default_rng(0))
-    loss, h = model(p, m.context, m.target)
+    loss, h, _ = model(p, m.context, m.target)
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(h).all()
     assert all(torch.isfinite(q.grad).all() for q in model.parameters() if q.grad is not None)
@@ -254,7 +254,7 @@ def test_several_masks_per_clip_share_one_target_pass():
     model.target_encoder.register_forward_pre_hook(lambda *_: calls.append(1))
     real = model.target_encoder.block_outputs
     model.target_encoder.block_outputs = lambda *a, **k: calls.append(1) or real(*a, **k)
-    loss, _ = model(p, m.context, m.target)
+    loss, *_ = model(p, m.context, m.target)
     assert len(calls) == 1
     singles = [model(p, m.context[j::3], m.target[j::3])[0] for j in range(3)]
     assert torch.allclose(loss, torch.stack(singles).mean(), atol=1e-6)
@@ -288,7 +288,10 @@ def test_variance_covariance_penalises_collapse_only():
     model_off.load_state_dict(model.state_dict())
     p = batch(small_cfg(), b=2)
     ctx, tgt = torch.arange(0, 20).expand(2, -1), torch.arange(20, 40).expand(2, -1)
-    assert model(p, ctx, tgt)[0] > model_off(p, ctx, tgt)[0]  # the term is part of the trained loss
+    loss, _, parts = model(p, ctx, tgt)
+    loss_off, _, parts_off = model_off(p, ctx, tgt)
+    assert loss > loss_off and parts_off == {}  # the term is part of the trained loss
+    assert torch.allclose(parts["jepa_loss"], loss_off) and torch.allclose(parts["jepa_loss"] + parts["vc_loss"], loss)
     clips = AudioJEPA(small_cfg(**{"loss.var_weight": 1.0, "loss.vc_over": "clips"}))
     clips.load_state_dict(model.state_dict())
     z = model.encoder(p, ctx)
