@@ -3,7 +3,8 @@
 Resuming is Ray's: the same RunConfig(name, storage_path) restores the latest checkpoint, after a
 worker failure (FailureConfig) or when the same run name is submitted again.  The loop then
 continues at the saved global step with the saved optimiser state; every schedule (LR, WD, tau) and
-every mask draw is a function of the global step, so nothing drifts across restarts.
+every mask draw is a function of the global step, so nothing drifts across restarts.  A run submitted
+again after it finished returns its summary from its newest checkpoint without starting workers.
 """
 from __future__ import annotations
 
@@ -378,7 +379,8 @@ class WorkerRun:
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{self.step:08d}")
 
     def finished_before(self) -> None:
-        """Resubmitted after it finished: nothing to train, one report so the run ends cleanly."""
+        """Restored at the last step (a worker group restarted after the final checkpoint; a plain
+        resubmission of a finished run never starts workers): one report so the run ends cleanly."""
         import ray.train
         if self.resume_record is not None:
             _write_resume_record(self.cfg, self.resume_record)
@@ -444,7 +446,8 @@ def run_pretraining(cfg: Config, progress=print, parent_run_id: str | None = Non
         listing = list_source(cfg)
         progress(f"data: {len(listing.files)} audio files in {cfg.data.source} "
                  f"({listing.ignored_by_extension} other files ignored, {len(listing.too_large)} too large)")
-    previous = _previous_config(cfg)
+    newest = _newest_checkpoint(cfg)
+    previous = newest[1] if newest else None
     if cfg.features.mean is None:
         cfg = cfg.with_overrides(_normalisation_stats(cfg, previous, listing, corpus, progress))
     changes = previous.shaping_changes(cfg) if previous is not None else {}
@@ -454,6 +457,13 @@ def run_pretraining(cfg: Config, progress=print, parent_run_id: str | None = Non
                           + "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
                           + ". Resubmit with the run's config, use a new run_name, or set "
                           "resume.allow_config_change=true (the change is then recorded on the MLflow run).")
+    run_id = tracking.start_or_resume(cfg, parent_run_id=parent_run_id)
+    if changes:
+        progress("resuming with a changed config (resume.allow_config_change): "
+                 + "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items()))
+        tracking.record_config_change(cfg, run_id, changes)
+    if newest and newest[2]["step"] >= cfg.train.steps:
+        return _finished_before(cfg, newest[0], newest[2], run_id, corpus, listing, progress)
     # datasets are factories: Ray Train calls them at every worker-group start, so after a failure the
     # stream is rebuilt from the checkpoint being restored (a prepared corpus: exactly there; raw: its pass)
     if corpus is not None:
@@ -468,11 +478,6 @@ def run_pretraining(cfg: Config, progress=print, parent_run_id: str | None = Non
         ledger = DataLedger.remote(len(listing.files) + len(listing.too_large), [f.uri for f in listing.too_large])
         datasets = {"train": partial(_raw_dataset, cfg, put_listing(listing), ledger)}
         data_config = ray.train.DataConfig()
-    run_id = tracking.start_or_resume(cfg, parent_run_id=parent_run_id)
-    if changes:
-        progress("resuming with a changed config (resume.allow_config_change): "
-                 + "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items()))
-        tracking.record_config_change(cfg, run_id, changes)
     uri = tracking.tracking_uri(cfg)
     storage_path, storage_fs = ray_storage(cfg.checkpoint.storage_path, cfg.storage.s3_endpoint, cfg.storage.s3_region)
 
@@ -536,13 +541,33 @@ def run_pretraining(cfg: Config, progress=print, parent_run_id: str | None = Non
     return summary
 
 
-def _previous_config(cfg: Config) -> Config | None:
-    """The config of the run's newest verified checkpoint (a resubmission), else None."""
+def _finished_before(cfg: Config, checkpoint: str, marker: dict, run_id: str | None, corpus, listing,
+                     progress) -> dict:
+    """A resubmitted run whose newest checkpoint is at `train.steps`: its summary, without starting any
+    worker (on a cluster that would hold GPUs, or wait for them, only to find nothing to train)."""
+    metrics = marker.get("metrics", {})
+    status = "collapsed" if metrics.get("collapsed") else "succeeded"
+    progress(f"run {cfg.run_name} finished before (step {marker['step']}, {checkpoint}): nothing to train")
+    if run_id:
+        tracking.close_run(cfg, run_id, status, checkpoint)
+    data = ({"files": len(listing.files) + len(listing.too_large), "clips": 0, "skipped": {}, "skipped_examples": []}
+            if corpus is None else
+            {"files": corpus["listed"], "clips": 0, "skipped": corpus["skipped"],
+             "skipped_examples": corpus["skipped_examples"], "prepared": cfg.data.source})
+    return {"status": status, "run_name": cfg.run_name, "mlflow_run_id": run_id, "final_step": marker["step"],
+            "checkpoint": checkpoint, "metrics": metrics, "data": data,
+            "error": f"representation collapse at step {marker['step']}" if status == "collapsed" else None}
+
+
+def _newest_checkpoint(cfg: Config) -> tuple[str, Config, dict] | None:
+    """The run's newest verified checkpoint (a resubmission): its URI, config and marker; None when none."""
     import yaml
     found = ckpt.latest_checkpoint(cfg)
     if not found:
         return None
-    return config_from_dict(yaml.safe_load(read_bytes(join(found, ckpt.CONFIG), cfg.storage.s3_endpoint)))
+    read = partial(read_bytes, endpoint=cfg.storage.s3_endpoint, region=cfg.storage.s3_region)
+    return (found, config_from_dict(yaml.safe_load(read(join(found, ckpt.CONFIG)))),
+            json.loads(read(join(found, ckpt.MARKER))))
 
 
 def _resume_point(cfg: Config) -> dict:

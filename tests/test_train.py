@@ -44,16 +44,18 @@ def expected_digests(cfg, corpus_dir: Path, steps: list[int]) -> dict[int, float
     return out
 
 
-def test_fault_injection_resumes_exactly_and_resubmission_continues(clean_corpus_dir, tmp_path):
+def test_fault_injection_resumes_exactly_and_resubmission_continues(clean_corpus_dir, tmp_path, mlflow_server):
     """A 2-worker run from a prepared corpus, one worker killed mid-pass: the model state and the data
-    position resume exactly (every checkpoint's clip digest is what an uninterrupted stream gives)."""
+    position resume exactly (every checkpoint's clip digest is what an uninterrupted stream gives), and
+    neither the failure nor a resubmission makes a second MLflow run."""
+    from mlflow import MlflowClient
     from service.corpus import PrepareOptions, prepare
     corpus = tmp_path / "corpus"
     prepare(load_config("tiny", [f"data.source={clean_corpus_dir}"]), str(corpus),
             PrepareOptions(segment_seconds=1.0, row_group=2, task_files=2))
     over = {"train.workers": 2, "train.steps": 12, "checkpoint.every_steps": 4, "checkpoint.keep": 10,
             "failure.inject_kill_at_step": 6, "failure.inject_kill_rank": 1, "failure.max_failures": 2,
-            "data.shuffle_blocks": 2}
+            "data.shuffle_blocks": 2, "mlflow.tracking_uri": mlflow_server, "mlflow.experiment": "fault"}
     cfg = cfg_for(corpus, tmp_path, "fault", **over)
     summary = run_pretraining(cfg)
     # a 2-worker CPU run completes and checkpoints, with every metric
@@ -92,12 +94,18 @@ def test_fault_injection_resumes_exactly_and_resubmission_continues(clean_corpus
     assert {s: mk["data_position"] for s, mk in marks.items()} == {4: 16, 8: 32, 12: 48}
     assert {s: mk["metrics"]["data_digest"] for s, mk in marks.items()} == expected_digests(cfg, corpus, [4, 8, 12])
 
-    # resubmitting the finished run name resumes from step 12 and trains nothing more
-    again = run_pretraining(cfg_for(corpus, tmp_path, "fault", **over))
-    assert again["status"] == "succeeded" and again["final_step"] == 12
-    resumes = sorted(json.loads(p.read_text())["step"] for p in (tmp_path / "fault" / "resumes").glob("*.json"))
-    assert resumes == [4, 12]
+    # resubmitting the finished run name trains nothing and starts no worker (none restored, none resumed)
+    said = []
+    again = run_pretraining(cfg_for(corpus, tmp_path, "fault", **over), progress=said.append)
+    assert again["status"] == "succeeded" and again["final_step"] == 12, again
+    assert again["checkpoint"].endswith("checkpoint_00000012") and again["metrics"] == summary["metrics"]
+    assert any("finished before (step 12" in line for line in said), said
+    assert resume_steps(tmp_path, "fault") == [4]
     assert [p.name for p in checkpoints(tmp_path, "fault")][-1] == "checkpoint_00000012"
+    c = MlflowClient(mlflow_server)
+    runs = c.search_runs([c.get_experiment_by_name("fault").experiment_id])
+    assert [r.info.run_id for r in runs] == [summary["mlflow_run_id"]] == [again["mlflow_run_id"]]
+    assert runs[0].info.status == "FINISHED" and runs[0].data.tags["audio_jepa.status"] == "succeeded"
 
 
 def test_incomplete_checkpoint_is_refused(tmp_path):
