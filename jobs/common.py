@@ -96,15 +96,43 @@ def init_ray(min_cpus: int = 1) -> None:
     _private_token()
     # the dashboard (127.0.0.1 only) serves the state API that Ray Train's placement-group
     # cleaner needs; without it a finished run's CPUs stay reserved and later runs starve
-    ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=max(os.cpu_count() or 1, min_cpus),
-             include_dashboard=True, dashboard_host="127.0.0.1", runtime_env={"env_vars": env},
-             logging_level=logging.WARNING)
+    _start_private_ray(address="local", _node_ip_address="127.0.0.1", num_cpus=max(os.cpu_count() or 1, min_cpus),
+                       include_dashboard=True, dashboard_host="127.0.0.1", runtime_env={"env_vars": env},
+                       logging_level=logging.WARNING)
     gcs = ray.get_runtime_context().gcs_address
     if not gcs.startswith("127.0.0.1:"):
         logging.getLogger(__name__).warning(
             "the private Ray listens on %s, not only 127.0.0.1: `ray` was imported before jobs.common, so it "
             "missed %s", gcs, ", ".join(f"{k}={v}" for k, v in RAY_LOOPBACK_ENV.items()))
     _shutdown_ray_on_signals()
+
+
+def _start_private_ray(attempts: int = 3, **init_args) -> None:
+    """ray.init for a new local node, tried again when the node does not come up on a loaded machine.
+
+    Ray 2.60's raylet gives its dashboard agent a fixed 15 s to start and exits when it is slower (all
+    CPUs busy: ray-project/ray#65983); ray.init then reports "The current node timed out during start-up".
+    The half-started node's processes are stopped before the next try.
+    """
+    import ray
+    from ray._private.node import Node
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(**init_args)
+            return
+        except Exception as e:  # noqa: BLE001 - only Ray's start-up timeout is retried
+            if attempt == attempts or "timed out during startup" not in str(e):
+                raise
+            tb = e.__traceback__
+            while tb is not None:  # the Node that raised holds the processes it started
+                node = tb.tb_frame.f_locals.get("self")
+                if isinstance(node, Node):
+                    node.kill_all_processes(check_alive=False)
+                    break
+                tb = tb.tb_next
+            ray.shutdown()
+            logging.getLogger(__name__).warning("the local Ray node did not start (%s); the machine may be "
+                                                "overloaded, starting it again (%d of %d)", e, attempt + 1, attempts)
 
 
 def _private_token() -> None:
