@@ -507,10 +507,7 @@ def run_pretraining(cfg: Config, progress=print, parent_run_id: str | None = Non
     summary = {
         "status": status, "run_name": cfg.run_name, "mlflow_run_id": run_id,
         "final_step": None, "checkpoint": None, "metrics": {},
-        "data": {"files": totals["files"], "clips": totals["clips"], "skipped": totals["skipped"],
-                 "skipped_examples": totals["examples"]} if corpus is None else
-                {"files": corpus["listed"], "clips": totals["clips"], "skipped": corpus["skipped"],
-                 "skipped_examples": corpus["skipped_examples"], "prepared": cfg.data.source},
+        "data": _data_summary(cfg, corpus, totals),
         "error": fatal or (None if error is None else f"{type(error).__name__}: {error}"),
     }
     if fatal:
@@ -550,13 +547,21 @@ def _finished_before(cfg: Config, checkpoint: str, marker: dict, run_id: str | N
     progress(f"run {cfg.run_name} finished before (step {marker['step']}, {checkpoint}): nothing to train")
     if run_id:
         tracking.close_run(cfg, run_id, status, checkpoint)
-    data = ({"files": len(listing.files) + len(listing.too_large), "clips": 0, "skipped": {}, "skipped_examples": []}
-            if corpus is None else
-            {"files": corpus["listed"], "clips": 0, "skipped": corpus["skipped"],
-             "skipped_examples": corpus["skipped_examples"], "prepared": cfg.data.source})
+    listed = corpus["listed"] if corpus is not None else len(listing.files) + len(listing.too_large)
+    data = _data_summary(cfg, corpus, {"files": listed, "clips": 0, "skipped": {}, "examples": []})
     return {"status": status, "run_name": cfg.run_name, "mlflow_run_id": run_id, "final_step": marker["step"],
             "checkpoint": checkpoint, "metrics": metrics, "data": data,
             "error": f"representation collapse at step {marker['step']}" if status == "collapsed" else None}
+
+
+def _data_summary(cfg: Config, corpus: dict | None, totals: dict) -> dict:
+    """The summary's `data`: raw sources from the run's ledger totals; a prepared corpus from its index
+    (files and skips were counted when it was prepared) plus the clips the run consumed."""
+    if corpus is None:
+        return {"files": totals["files"], "clips": totals["clips"], "skipped": totals["skipped"],
+                "skipped_examples": totals["examples"]}
+    return {"files": corpus["listed"], "clips": totals["clips"], "skipped": corpus["skipped"],
+            "skipped_examples": corpus["skipped_examples"], "prepared": cfg.data.source}
 
 
 def _newest_checkpoint(cfg: Config) -> tuple[str, Config, dict] | None:
