@@ -394,7 +394,8 @@ def train_loop_per_worker(loop_cfg: dict) -> dict | None:
     # Train logs every report ("Reporting training result … TrainingReport(…)") at INFO under a logger
     # named by its file path, which Train's own level setting misses; our progress line says it once
     logging.getLogger().setLevel(logging.WARNING)
-    from service.data import DataSourceError
+    from service.data import DataSourceError, calm_streaming_executor
+    calm_streaming_executor()  # this process iterates the rank's stream: its executor runs here
     try:
         run = WorkerRun(loop_cfg)
         if run.step >= run.total:

@@ -1,13 +1,15 @@
 """Ray Data pipeline: sources (dir, S3, manifest), bad input, epoch order, shapes."""
 from collections import Counter
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from conftest import GOOD, bad_files, upload_dir
 from service.config import load_config
-from service.data import (DataLedger, DataSourceError, build_dataset, check_skips, epoch_order, list_source,
-                          skip_summary)
+import service.data
+from service.data import (DataLedger, DataSourceError, build_dataset, calm_streaming_executor, check_skips,
+                          epoch_order, list_source, skip_summary)
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -226,3 +228,54 @@ def test_the_driver_never_builds_rows_per_planned_clip(clean_corpus_dir):
         peaks.append(tracemalloc.get_traced_memory()[1])
         tracemalloc.stop()
     assert peaks[1] < peaks[0] + 5 * 2 ** 20, peaks
+
+
+@pytest.fixture
+def pauses(monkeypatch):
+    """Ray Data's scheduling loop as it was before the test (restored after it), and every pause the calm
+    loop takes (still slept)."""
+    import time
+    from ray.data._internal.execution.streaming_executor import StreamingExecutor
+    monkeypatch.setattr(StreamingExecutor, "_scheduling_loop_step", StreamingExecutor._scheduling_loop_step)
+    slept = []
+    monkeypatch.setattr(service.data, "time", SimpleNamespace(sleep=lambda s: (slept.append(s), time.sleep(s))))
+    return slept
+
+
+def test_the_calm_loop_pauses_only_while_its_consumer_has_output(pauses, monkeypatch):
+    from ray.data._internal.execution.streaming_executor import StreamingExecutor
+    topologies = []
+    monkeypatch.setattr(StreamingExecutor, "_scheduling_loop_step",
+                        lambda self, topology: topologies.append(topology) or self.more)
+    assert calm_streaming_executor(pause_s=0.001) and calm_streaming_executor(pause_s=0.001)
+    step = StreamingExecutor._scheduling_loop_step
+    assert step.calm and not getattr(step.plain, "calm", False)  # wrapped once
+
+    class Loop:
+        more, idle = True, False
+
+        def _consumer_idling(self):
+            return self.idle
+
+    loop = Loop()
+    assert step(loop, "t") is True and pauses == [0.001]  # output waiting: pause
+    loop.idle = True
+    assert step(loop, "t") is True and pauses == [0.001]  # consumer waiting: full speed
+    loop.more, loop.idle = False, False
+    assert step(loop, "t") is False and pauses == [0.001]  # finished: return at once
+    assert topologies == ["t"] * 3
+
+
+def test_a_calm_stream_delivers_every_row_in_order_to_a_slow_consumer(pauses):
+    import time
+
+    import ray
+    assert calm_streaming_executor()
+    ds = ray.data.range(300, override_num_blocks=30).map_batches(lambda b: {"id": b["id"] * 2}, batch_size=10)
+    ds.context.execution_options.preserve_order = True
+    got = []
+    for b in ds.iter_batches(batch_size=16, batch_format="numpy"):
+        time.sleep(0.02)  # slower than the stream, so output waits and the loop pauses
+        got.extend(b["id"].tolist())
+    assert got == list(range(0, 600, 2))
+    assert pauses and set(pauses) == {0.05}
