@@ -104,6 +104,7 @@ class DataConfig:
     allow_outside_paths: bool = False  # manifests: paths outside the manifest's bucket/directory are refused
     seek_above_mb: float = 64.0     # raw sources: larger objects are read around their crop windows only (seek)
     shuffle_blocks: int = 4         # prepared corpora: row groups shuffled together (the shuffle buffer)
+    calm_loop: bool = True          # pause Ray Data's scheduling loop while the trainer has a batch waiting
 
     def validate(self) -> None:
         _check(self.features_in in ("pipeline", "trainer"), "data.features_in", self.features_in,

@@ -152,6 +152,9 @@ class WorkerRun:
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
                          else torch.autocast("cpu", enabled=False))
         self.prepared = bool(loop_cfg.get("prepared"))
+        if cfg.data.calm_loop:  # this process iterates the rank's stream, so its Ray Data executor runs here
+            from service.data import calm_streaming_executor
+            calm_streaming_executor()
         self.stream = (self._corpus_batches(ray.train.get_dataset_shard(f"train.{self.rank}")) if self.prepared
                        else self._batches(ray.train.get_dataset_shard("train")))
         self.probe = self._probe() if cfg.probe.task and self.rank == 0 else None
@@ -394,8 +397,7 @@ def train_loop_per_worker(loop_cfg: dict) -> dict | None:
     # Train logs every report ("Reporting training result … TrainingReport(…)") at INFO under a logger
     # named by its file path, which Train's own level setting misses; our progress line says it once
     logging.getLogger().setLevel(logging.WARNING)
-    from service.data import DataSourceError, calm_streaming_executor
-    calm_streaming_executor()  # this process iterates the rank's stream: its executor runs here
+    from service.data import DataSourceError
     try:
         run = WorkerRun(loop_cfg)
         if run.step >= run.total:
