@@ -8,9 +8,8 @@
         steady-state clips/s per CPU of a naive per-file loop, the raw-source Ray Data stream and the
         prepared shards (prepared first if missing), first-batch times, and the driver's memory for the
         shard plan of a 100k-step x 256 run against a 100-step one (default data: the demo corpus).
-    python -m jobs.benchmark train --config tiny --source DIR_OR_S3_OR_CORPUS [--stream-budget-mb MB] [--json PATH]
-        steady-state clips/s with 1 and 2 workers, and recovery time (worker kill -> first step); with
-        --stream-budget-mb, 1-worker clips/s with Ray Data's scheduling loop paused against as shipped.
+    python -m jobs.benchmark train --config tiny --source DIR_OR_S3_OR_CORPUS [--json PATH]
+        steady-state clips/s with 1 and 2 workers, and recovery time (worker kill -> first step).
     python -m jobs.benchmark quality [--config tiny] [--steps 200,400] [--seeds 3] [--ablate all] [--json PATH]
         pretraining vs the same-seed random init (same readout, same probes) on the dev tasks' test
         splits, beside log-mel: mean ± standard error over seeds, a Markdown table and a plot
@@ -305,39 +304,9 @@ def bench_train(args) -> None:
         res["recovery_restored_s"] = resume["restored_time"] - killed["time"]
         rows.append(("recovery: kill -> first step after resume", f"{res['recovery_s']:.1f} s "
                      f"(state restored after {res['recovery_restored_s']:.1f} s; resumed at step {resume['step']})"))
-        if args.stream_budget_mb:
-            res.update(_calm_loop(args, base))
-            rows.append(("stream ahead of its trainer: clips/s with Ray Data's loop paused vs as shipped",
-                         f"{res['calm_clips_per_s']:.1f} vs {res['spinning_clips_per_s']:.1f} "
-                         f"({res['calm_over_spinning']:.2f}x; 1 worker, object-store budget {args.stream_budget_mb} MB)"))
     res["scaling_2_over_1"] = res["clips_per_s"][2] / res["clips_per_s"][1]
     rows.append(("2-worker / 1-worker throughput", f"{res['scaling_2_over_1']:.2f}x on {os.cpu_count()} cores"))
     emit(res, rows, args.json)
-
-
-def _calm_loop(args, base: list[str]) -> dict:
-    """1-worker runs with `data.calm_loop` on and off, their stream's object-store budget cut to
-    `--stream-budget-mb` so that backpressure (under which Ray Data's loop spins) starts within the first
-    steps, as it does after about a minute of a long run with the default budget."""
-    import ray
-
-    from service.config import load_config
-    from service.train import run_pretraining
-
-    ctx = ray.data.DataContext.get_current()
-    limits = ctx.execution_options.resource_limits
-    ctx.execution_options.resource_limits = limits.copy(object_store_memory=args.stream_budget_mb * 2 ** 20)
-    got = {}
-    try:
-        for calm in (True, False):
-            cfg = load_config(args.config, base + ["train.workers=1", f"train.steps={args.steps}",
-                                                   f"checkpoint.every_steps={args.steps}", f"run_name=calm-{calm}",
-                                                   f"data.calm_loop={str(calm).lower()}"])
-            got[calm] = run_pretraining(cfg)["metrics"].get("clips_per_s")
-    finally:
-        ctx.execution_options.resource_limits = limits
-    return {"calm_clips_per_s": got[True], "spinning_clips_per_s": got[False],
-            "calm_over_spinning": got[True] / got[False]}
 
 
 # --- quality ---------------------------------------------------------------------------------
@@ -408,8 +377,6 @@ def main(argv=None) -> int:
                    "(padding,stats,ema,readout,ratio or all)")
     p.add_argument("--ablation-steps", type=int, default=0, help="quality: budget of the ablations (default: the last)")
     p.add_argument("--ablation-seeds", type=int, default=2)
-    p.add_argument("--stream-budget-mb", type=int, default=0, help="train: also compare Ray Data's scheduling loop "
-                   "paused (data.calm_loop) and as shipped, 1 worker, the stream's object-store budget cut to this")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--json")
     args = p.parse_args(argv)
