@@ -408,5 +408,5 @@ def build_dataset(cfg: Config, listing: "Listing | tuple", ledger=None, passes: 
 
 
 __all__ = ["Listing", "DataLedger", "DataSourceError", "list_source", "build_dataset", "clips_from_files",
-           "epoch_order", "check_skips", "passes_needed", "quiet_ray_data", "calm_streaming_executor", "measure_stats", "put_listing",
-           "read_object", "fetch_once"]
+           "epoch_order", "check_skips", "passes_needed", "quiet_ray_data", "calm_streaming_executor",
+           "measure_stats", "put_listing", "read_object", "fetch_once"]
