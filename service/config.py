@@ -210,6 +210,8 @@ class LossConfig:
     target_norm: str = "layernorm"  # none | layernorm (per-token standardised, no affine: I-JEPA, Audio-JEPA)
     #                                 | instancenorm (each block's output standardised over the clip's tokens, data2vec)
     target_layers: int = 1          # targets average the last N target-encoder blocks (data2vec: 8 of 12)
+    target_view: str = "full"       # full (I-JEPA: the target encoder sees the whole clip) | masked (M2D: it sees
+    #                                 only the target patches, so targets carry nothing the context already shows)
     var_weight: float = 0.0         # VICReg variance term on the context encoder's tokens (C-JEPA): hinge on
     cov_weight: float = 0.0         # each channel's std at 1; covariance term: squared off-diagonal covariance / D
     vc_over: str = "tokens"         # the samples of those statistics: tokens (every context token of the batch)
@@ -221,6 +223,7 @@ class LossConfig:
                self.target_norm, "none, layernorm or instancenorm")
         _check(self.target_layers >= 1, "loss.target_layers", self.target_layers, ">= 1 (and at most model.depth)")
         _check(self.vc_over in ("tokens", "clips"), "loss.vc_over", self.vc_over, "tokens or clips")
+        _check(self.target_view in ("full", "masked"), "loss.target_view", self.target_view, "full or masked")
         for key in ("var_weight", "cov_weight"):
             _check(getattr(self, key) >= 0, f"loss.{key}", getattr(self, key), ">= 0")
 

@@ -175,10 +175,11 @@ class AudioJEPA(nn.Module):
         self.target_encoder.requires_grad_(False)
 
     @torch.no_grad()
-    def targets(self, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(regression targets [B, N, D], target-encoder tokens after its final norm, for collapse monitors)."""
+    def targets(self, patches: torch.Tensor, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(regression targets [B, N, D] — [B, n, D] for the patches in `keep` — and the target-encoder tokens
+        after its final norm, for collapse monitors)."""
         c, enc = self.loss_cfg, self.target_encoder
-        outs = enc.block_outputs(patches, layers=min(c.target_layers, len(enc.blocks)))
+        outs = enc.block_outputs(patches, keep, layers=min(c.target_layers, len(enc.blocks)))
         h = enc.norm(outs[-1])
         if c.target_norm == "instancenorm":  # per clip and channel over tokens, per block, then averaged
             t = torch.stack([F.instance_norm(o.float().transpose(1, 2)).transpose(1, 2) for o in outs]).mean(0)
@@ -192,14 +193,20 @@ class AudioJEPA(nn.Module):
         vc_loss, detached, when the variance/covariance terms are on, else {}).
 
         `ctx`/`tgt` may hold k masks per clip ([k*B, …], clip-major): the target encoder runs once per clip
-        and the context encoder + predictor once per mask (EAT's multi-mask)."""
-        t, h = self.targets(patches)
+        and the context encoder + predictor once per mask (EAT's multi-mask). With `loss.target_view: masked`
+        the target encoder sees only each mask's target patches (M2D), so it runs once per mask."""
         k = ctx.shape[0] // patches.shape[0]
-        if k > 1:
-            patches, t = patches.repeat_interleave(k, 0), t.repeat_interleave(k, 0)
+        if self.loss_cfg.target_view == "masked":
+            patches = patches.repeat_interleave(k, 0) if k > 1 else patches
+            t, h = self.targets(patches, tgt)
+        else:
+            t, h = self.targets(patches)
+            if k > 1:
+                patches, t = patches.repeat_interleave(k, 0), t.repeat_interleave(k, 0)
+            t = gather_tokens(t, tgt)
         z = self.encoder(patches, ctx)
         pred = self.predictor(z, ctx, tgt)
-        loss = jepa_loss(pred, gather_tokens(t, tgt), self.loss_cfg)
+        loss = jepa_loss(pred, t, self.loss_cfg)
         if not (self.loss_cfg.var_weight or self.loss_cfg.cov_weight):
             return loss, h.detach(), {}
         vc = variance_covariance(z.mean(1) if self.loss_cfg.vc_over == "clips" else z, self.loss_cfg)

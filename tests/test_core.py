@@ -9,7 +9,7 @@ import torch
 from service.config import ConfigError, load_config
 from service.features import LogMel, patchify, unpatchify
 from service.masks import GEOMETRIES, MaskGenerator, render_masks
-from service.model import AudioJEPA, Encoder, sincos_2d, variance_covariance
+from service.model import AudioJEPA, Encoder, gather_tokens, sincos_2d, variance_covariance
 from service.optim import apply_schedules, build_optimizer, lr_at, tau_at
 
 torch.set_num_threads(2)
@@ -271,6 +271,31 @@ def test_instance_normed_multi_layer_targets():
     model.loss_cfg = dataclasses.replace(model.loss_cfg, target_layers=2)
     t2, h2 = model.targets(batch(cfg, b=3))
     assert torch.equal(h, h2) and not torch.allclose(t, t2)  # another target, the same monitored tokens
+
+
+def test_masked_target_view_sees_only_the_target_patches():
+    """M2D targets: the target encoder runs on the target patches alone, so what the context shows
+    cannot reach the targets; with the full view it does."""
+    torch.manual_seed(0)
+    cfg = small_cfg(**{"loss.target_view": "masked"})
+    model = AudioJEPA(cfg)
+    p = batch(cfg, b=2)
+    ctx, tgt = torch.arange(0, 20).expand(2, -1), torch.arange(20, 40).expand(2, -1)
+    seen = []
+    real = model.target_encoder.block_outputs
+    model.target_encoder.block_outputs = lambda x, keep=None, **k: seen.append(keep) or real(x, keep, **k)
+    model(p, ctx, tgt)
+    assert torch.equal(seen[0], tgt)
+    changed = p.clone()
+    changed[:, :20] = torch.randn_like(changed[:, :20])  # only context patches differ
+    t_masked, _ = model.targets(p, tgt)
+    assert torch.allclose(t_masked, model.targets(changed, tgt)[0])
+    full = AudioJEPA(small_cfg())
+    full.load_state_dict(model.state_dict())
+    t_full = gather_tokens(full.targets(p)[0], tgt)
+    assert not torch.allclose(t_full, gather_tokens(full.targets(changed)[0], tgt))
+    with pytest.raises(ValueError, match="loss.target_view"):
+        small_cfg(**{"loss.target_view": "context"})
 
 
 def test_variance_covariance_penalises_collapse_only():
