@@ -189,8 +189,9 @@ class AudioJEPA(nn.Module):
         return t, h
 
     def forward(self, patches: torch.Tensor, ctx: torch.Tensor, tgt: torch.Tensor):
-        """Returns (loss, target-encoder tokens [B, N, D] for collapse monitors, the loss's parts: jepa_loss and
-        vc_loss, detached, when the variance/covariance terms are on, else {}).
+        """Returns (loss, target-encoder tokens for collapse monitors ([B, N, D]; with `target_view: masked` only the
+        target patches', [k*B, Nt, D]), the loss's parts: jepa_loss and vc_loss, detached, when the
+        variance/covariance terms are on, else {}).
 
         `ctx`/`tgt` may hold k masks per clip ([k*B, …], clip-major): the target encoder runs once per clip
         and the context encoder + predictor once per mask (EAT's multi-mask). With `loss.target_view: masked`
