@@ -208,8 +208,10 @@ def bench_data(args) -> None:
     import ray
 
     from service.config import load_config
-    from service.corpus import PrepareOptions, is_corpus, load_corpus, prepare, rank_dataset
-    from service.data import DataLedger, build_dataset, list_source
+    from service.corpus import is_corpus, load_corpus, rank_dataset
+    from service.data import build_dataset, list_source
+    from service.ledger import DataLedger
+    from service.prepare import PrepareOptions, prepare
 
     source = args.source or _demo_source()
     cfg = load_config(args.config, args.overrides + [f"data.source={source}"])
@@ -253,7 +255,8 @@ def _demo_shards(config: str, overrides: list[str]) -> str:
     """The demo corpus prepared into shards at the config's sample rate (prepared if missing): decoded
     once, so no training step waits on decoding (the quality study's default data)."""
     from service.config import load_config
-    from service.corpus import PrepareOptions, is_corpus, prepare
+    from service.corpus import is_corpus
+    from service.prepare import PrepareOptions, prepare
     raw = _demo_source()
     cfg = load_config(config, overrides + [f"data.source={raw}"])
     rate = cfg.features.sample_rate
@@ -314,7 +317,7 @@ def bench_train(args) -> None:
 
 def bench_quality(args) -> None:
     from service.config import load_config
-    from service.study import ABLATIONS, plot, run_study, table
+    from jobs.study import ABLATIONS, plot, run_study, table
 
     if not args.source:
         from jobs.demo import DEV_TASKS

@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         die(str(e))
     setup_logging()
-    from service.corpus import PrepareOptions, prepare
+    from service.prepare import PrepareOptions, prepare
     from service.data import DataSourceError
 
     try:

@@ -1,10 +1,11 @@
-"""Streaming input pipeline (Ray Data): list -> read bytes -> decode/mono/resample -> crops -> log-mel.
+"""The raw-files pipeline (Ray Data): list -> read bytes -> decode/mono/resample -> crops -> log-mel.
 
 One row per clip: `x` is the normalised log-mel [n_mels, n_frames] (features_in: pipeline) or the
 waveform [clip_samples] (features_in: trainer, so a GPU computes features), `epoch` the pass it
 belongs to.  Each pass visits the files in a new order drawn from (seed, epoch).  Bad files are
-skipped, counted by reason in a `DataLedger` actor and logged with their key; the run fails only
-when the source is empty/unreachable or the skipped fraction passes `data.max_skip_fraction`.
+skipped, counted by reason in the run's skip ledger (`service.ledger`) and logged with their key;
+the run fails only when the source is empty/unreachable or the skipped fraction passes
+`data.max_skip_fraction`.
 """
 from __future__ import annotations
 
@@ -12,18 +13,22 @@ import logging
 import math
 import os
 import posixpath
-import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
 
 import numpy as np
+import pyarrow.csv as pacsv
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import ray
 import torch
 
 from service.audio import ReadAhead, Skip, crop_rng, crops, decode, read_crops
 from service.config import Config, DataConfig, FeaturesConfig, StorageConfig
 from service.features import frontend, logmel_stats
+from service.raydata import fetch_once, quiet_ray_data
 from service.storage import FileEntry, join, list_files, read_bytes, resolve, with_retries
 
 log = logging.getLogger("audio_jepa.data")
@@ -93,12 +98,6 @@ def _manifest_uri(p, row: int, base: str, cfg: DataConfig) -> str:
 def _list_manifest(cfg: DataConfig, st: StorageConfig) -> list[FileEntry]:
     """Rows of a .csv/.parquet manifest (any case), validated, duplicates dropped, sizes looked up in parallel;
     only regular files are kept (a row naming a directory or a missing object is an error naming it)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    import pyarrow.csv as pacsv
-    import pyarrow.fs as pafs
-    import pyarrow.parquet as pq
-
     fs, path = resolve(cfg.source, st.s3_endpoint, st.s3_region)
     with fs.open_input_file(path) as f:
         table = pq.read_table(f) if path.lower().endswith(".parquet") else pacsv.read_csv(f)
@@ -136,77 +135,6 @@ def passes_needed(cfg: Config, n_files: int) -> int:
     """Passes over the files that surely cover train.steps global batches (>= 1 clip per good file)."""
     need = cfg.train.steps * cfg.train.batch_size
     return max(1, math.ceil(need / n_files)) + 1
-
-
-@ray.remote(num_cpus=0)
-class DataLedger:
-    """Counts files, clips and skips across all pipeline tasks.  Skips count distinct files (a bad file
-    visited on every pass is one bad file), by reason, with example keys."""
-
-    def __init__(self, listed: int, too_large: list[str]):
-        self.listed = listed
-        self.seen_keys: set[str] = set(too_large)
-        self.clips = 0
-        self.skipped: dict[str, int] = {"too_large": len(too_large)} if too_large else {}
-        self.bad: dict[str, tuple[str, str]] = {k: ("too_large", "") for k in too_large}  # key -> (reason, detail)
-
-    @property
-    def seen(self) -> int:
-        return len(self.seen_keys)
-
-    def record(self, keys: list[str], clips: int, skipped: list[tuple[str, str, str]]) -> None:
-        self.seen_keys.update(keys)
-        self.clips += clips
-        for reason, key, detail in skipped:
-            if key not in self.bad:
-                self.skipped[reason] = self.skipped.get(reason, 0) + 1
-                self.bad[key] = (reason, detail)
-
-    def skipped_files(self) -> list[tuple[str, str, str]]:
-        """Every distinct skipped file once: (key, reason, detail), sorted by key."""
-        return sorted((k, r, d) for k, (r, d) in self.bad.items())
-
-    def totals(self) -> dict:
-        examples: dict[str, list[str]] = {}  # the first 5 distinct files skipped for each reason
-        for key, (reason, _) in self.bad.items():
-            if len(examples.setdefault(reason, [])) < 5:
-                examples[reason].append(key)
-        return {"files": self.listed, "files_seen": self.seen, "clips": self.clips,
-                "skipped": dict(self.skipped), "examples": examples}
-
-
-def check_skips(totals: dict, data: DataConfig, min_seen: int = 20) -> str | None:
-    """A message when too much of the source is bad (or unreadable: storage, not audio), else None."""
-    max_fraction, max_read_errors = data.max_skip_fraction, data.max_read_error_fraction
-    seen = totals["files_seen"]
-    bad = sum(totals["skipped"].values())
-    unreadable = totals["skipped"].get("read_error", 0)
-    if seen >= min_seen and unreadable / seen > max_read_errors:
-        return (f"{unreadable} of {seen} files could not be read after retries ({unreadable / seen:.1%} > "
-                f"data.max_read_error_fraction={max_read_errors}): a storage problem, not bad audio "
-                f"(e.g. {', '.join(totals['examples'].get('read_error', [])[:3])})")
-    if seen >= min_seen and bad / seen > max_fraction:
-        reasons = ", ".join(f"{r}={n} (e.g. {totals['examples'].get(r, ['?'])[0]})"
-                            for r, n in sorted(totals["skipped"].items(), key=lambda kv: -kv[1]))
-        return (f"{bad} of {seen} files were skipped ({bad / seen:.0%} > data.max_skip_fraction="
-                f"{max_fraction}): {reasons}")
-    return None
-
-
-def skip_summary(totals: dict) -> str:
-    """One line for the user: skips by reason with a few example keys (the full list is an artifact)."""
-    parts = [f"{r}={n} (e.g. {', '.join(totals['examples'].get(r, [])[:3])})"
-             for r, n in sorted(totals["skipped"].items(), key=lambda kv: -kv[1])]
-    return f"data: skipped {sum(totals['skipped'].values())} files: {'; '.join(parts)} (list: skipped.csv)"
-
-
-def write_skipped_csv(skipped: list[tuple[str, str, str]], path: str) -> str:
-    import csv
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["key", "reason", "detail"])
-        w.writerows(skipped)
-    return path
 
 
 @lru_cache(maxsize=4)
@@ -283,8 +211,6 @@ def _open_and(fs, uri: str, fn):
 
 def measure_stats(cfg: Config, listing: Listing) -> dict[str, float]:
     """`features.mean`/`std` over real frames of one crop from each of a seeded sample of files."""
-    from concurrent.futures import ThreadPoolExecutor
-
     fc, n = cfg.features, min(cfg.data.stats_files, len(listing.files))
     picked = [listing.files[i] for i in np.random.default_rng([cfg.seed, 0x57A7]).choice(len(listing.files), n,
                                                                                         replace=False)]
@@ -305,62 +231,9 @@ def measure_stats(cfg: Config, listing: Listing) -> dict[str, float]:
     return stats
 
 
-def quiet_ray_data() -> None:
-    """Our own training log line replaces Ray Data's per-operator progress bars (a line per update in logs)."""
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.enable_operator_progress_bars = False
-    ctx.print_on_execution_start = False
-
-
-def calm_streaming_executor(pause_s: float = 0.05) -> bool:
-    """Make Ray Data's scheduling loop pause `pause_s` after each step while its consumer has output waiting.
-
-    Ray Data 2.60's loop (`StreamingExecutor._scheduling_loop_step`) does not block while backpressure
-    keeps it from reading output that tasks in flight have ready: it spins, using a core in the process
-    that iterates the dataset. For our per-rank streams that process is the trainer. On the 2-core
-    reference machine a 2400-step `tiny` run from shards trained at ~20 clips/s instead of ~42 until
-    its stream's last blocks were produced. A consumer with a batch waiting loses nothing to the
-    pause; a starving one gets the loop at full speed. Idempotent; returns False and changes nothing
-    if this Ray lacks the method."""
-    try:
-        from ray.data._internal.execution.streaming_executor import StreamingExecutor
-    except ImportError:
-        return False
-    step = getattr(StreamingExecutor, "_scheduling_loop_step", None)
-    if step is None or not hasattr(StreamingExecutor, "_consumer_idling"):
-        return False
-    if getattr(step, "calm", False):
-        return True
-
-    def calm_step(self, topology):
-        more = step(self, topology)
-        if more and not self._consumer_idling():
-            time.sleep(pause_s)
-        return more
-
-    calm_step.calm, calm_step.plain = True, step
-    StreamingExecutor._scheduling_loop_step = calm_step
-    return True
-
-
 @lru_cache(maxsize=4)
 def _order(n_files: int, seed: int, epoch: int) -> np.ndarray:
     return epoch_order(n_files, seed, epoch)
-
-
-_FETCHED: dict = {}
-
-
-def fetch_once(value):
-    """An object-store value fetched once per worker process (keyed by the ref's id: every task receives a
-    new ObjectRef object for the same value); plain values pass through."""
-    if not isinstance(value, ray.ObjectRef):
-        return value
-    if value.hex() not in _FETCHED:
-        _FETCHED.clear()
-        _FETCHED[value.hex()] = ray.get(value)
-    return _FETCHED[value.hex()]
 
 
 def plan_rows(batch: dict[str, np.ndarray], files, seed: int, start_epoch: int) -> dict[str, np.ndarray]:
@@ -407,6 +280,5 @@ def build_dataset(cfg: Config, listing: "Listing | tuple", ledger=None, passes: 
                           num_cpus=1, concurrency=cfg.data.concurrency or None)
 
 
-__all__ = ["Listing", "DataLedger", "DataSourceError", "list_source", "build_dataset", "clips_from_files",
-           "epoch_order", "check_skips", "passes_needed", "quiet_ray_data", "calm_streaming_executor",
-           "measure_stats", "put_listing", "read_object", "fetch_once"]
+__all__ = ["Listing", "DataSourceError", "list_source", "build_dataset", "clips_from_files", "epoch_order",
+           "passes_needed", "measure_stats", "put_listing", "read_object"]

@@ -359,7 +359,7 @@ def test_padding_never_becomes_a_target_or_context_patch(tmp_path, short_audio):
     import soundfile as sf
 
     from service.data import clips_from_files
-    from service.train import constant_fraction
+    from service.worker import constant_fraction
     sr = 16000
     rng = np.random.default_rng(0)
     speech_like = lambda s: (0.2 * rng.standard_normal(int(s * sr)) * np.sin(np.linspace(0, 40, int(s * sr))))

@@ -10,7 +10,8 @@ import pytest
 
 from service.audio import decode
 from service.config import load_config
-from service.corpus import PrepareOptions, RankStream, from_pcm, is_corpus, plan_tasks, prepare, segment
+from service.corpus import Buffer, RankStream, from_pcm, is_corpus
+from service.prepare import PrepareOptions, plan_tasks, prepare, segment
 from service.storage import list_files, read_bytes
 from tests.conftest import GOOD, bad_files, upload_dir
 
@@ -25,19 +26,22 @@ def test_rank_streams_cover_every_segment_once_per_pass_and_locate_positions():
         streams = [RankStream(rows, k, seed=7, rank=r, world=world) for r in range(world)]
         seen: dict[int, list[int]] = {}
         for s in streams:
-            pos, j = 0, 0
-            while s.window(j)[0] < 2:  # two whole passes
-                p, w, pos0 = s.window(j)
-                assert pos0 == pos and (p * s.n_w + w) % world == s.rank  # dealt in turn, positions contiguous
-                size = int(rows[s.blocks(p, w)].sum())
-                for q in (pos0, pos0 + size - 1):
-                    assert s.locate(q) == (j, p, q - pos0)
-                seen.setdefault(p, []).extend(s.blocks(p, w).tolist())
-                pos, j = pos + size, j + 1
-        for p in (0, 1):  # a pass visits every row group exactly once, across the ranks
-            assert sorted(seen[p]) == list(range(len(rows)))
+            pos, nth = 0, 0
+            while s.buffer(nth).epoch < 2:  # two whole passes
+                buf = s.buffer(nth)
+                assert buf.nth == nth and buf.start == pos  # positions contiguous
+                assert (buf.epoch * s.buffers_per_pass + buf.index) % world == s.rank  # dealt in turn
+                size = int(rows[s.block_ids(buf)].sum())
+                for q in (buf.start, buf.start + size - 1):
+                    assert s.locate(q) == (buf, q - buf.start)
+                seen.setdefault(buf.epoch, []).extend(s.block_ids(buf).tolist())
+                pos, nth = pos + size, nth + 1
+        for epoch in (0, 1):  # a pass visits every row group exactly once, across the ranks
+            assert sorted(seen[epoch]) == list(range(len(rows)))
     a, b = RankStream(rows, 3, 7, 0, 1), RankStream(rows, 3, 8, 0, 1)
-    assert not np.array_equal(a.blocks(0, 0), b.blocks(0, 0)) or not np.array_equal(a.blocks(1, 0), b.blocks(1, 0))
+    second_pass = Buffer(a.buffers_per_pass, 1, 0, 0)
+    assert (not np.array_equal(a.block_ids(a.buffer(0)), b.block_ids(b.buffer(0)))
+            or not np.array_equal(a.block_ids(second_pass), b.block_ids(second_pass)))
 
 
 def test_tasks_and_segments():

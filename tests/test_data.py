@@ -7,9 +7,10 @@ import pytest
 
 from conftest import GOOD, bad_files, upload_dir
 from service.config import load_config
-import service.data
-from service.data import (DataLedger, DataSourceError, build_dataset, calm_streaming_executor, check_skips,
-                          epoch_order, list_source, skip_summary)
+import service.raydata
+from service.data import DataSourceError, build_dataset, epoch_order, list_source
+from service.ledger import DataLedger, check_skips, skip_summary
+from service.raydata import calm_streaming_executor
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -238,7 +239,7 @@ def pauses(monkeypatch):
     from ray.data._internal.execution.streaming_executor import StreamingExecutor
     monkeypatch.setattr(StreamingExecutor, "_scheduling_loop_step", StreamingExecutor._scheduling_loop_step)
     slept = []
-    monkeypatch.setattr(service.data, "time", SimpleNamespace(sleep=lambda s: (slept.append(s), time.sleep(s))))
+    monkeypatch.setattr(service.raydata, "time", SimpleNamespace(sleep=lambda s: (slept.append(s), time.sleep(s))))
     return slept
 
 

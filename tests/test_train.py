@@ -49,7 +49,7 @@ def test_fault_injection_resumes_exactly_and_resubmission_continues(clean_corpus
     position resume exactly (every checkpoint's clip digest is what an uninterrupted stream gives), and
     neither the failure nor a resubmission makes a second MLflow run."""
     from mlflow import MlflowClient
-    from service.corpus import PrepareOptions, prepare
+    from service.prepare import PrepareOptions, prepare
     corpus = tmp_path / "corpus"
     prepare(load_config("tiny", [f"data.source={clean_corpus_dir}"]), str(corpus),
             PrepareOptions(segment_seconds=1.0, row_group=2, task_files=2))

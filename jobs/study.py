@@ -11,7 +11,14 @@ import math
 import os
 from pathlib import Path
 
+import matplotlib
 import numpy as np
+
+from service.evaluate import evaluate
+from service.train import run_pretraining
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402 - after the headless backend is chosen
 
 # each recipe choice, and the overrides of the alternative it is measured against (mostly what the service did before)
 ABLATIONS: dict[str, dict] = {
@@ -29,8 +36,6 @@ def run_one(cfg, tasks: list[str], cache_dir: str, progress=print,
     """Pretrain `cfg`, then probe its encoder and the same-seed random init; one row per task, model, probe.
 
     `readouts` ({variant: overrides}) also evaluates the same checkpoint read out other ways."""
-    from service.evaluate import evaluate
-    from service.train import run_pretraining
     summary = run_pretraining(cfg, progress=progress)
     if summary["status"] != "succeeded":
         raise RuntimeError(f"pretraining {cfg.run_name} {summary['status']}: {summary.get('error')}")
@@ -86,10 +91,6 @@ def table(rows: list[dict], probe: str = "linear", variant_key: str = "variant")
 
 def plot(rows: list[dict], path: str, probe: str = "linear") -> str:
     """Accuracy against pretraining steps per task: JEPA and random init (mean ± s.e.), log-mel."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     main = [r for r in rows if r.get("variant", "recipe") == "recipe" and r["probe"] == probe]
     tasks = sorted({r["task"] for r in main})
     fig, axes = plt.subplots(1, max(len(tasks), 1), figsize=(4.2 * max(len(tasks), 1), 3.4), squeeze=False)
