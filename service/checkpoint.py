@@ -78,8 +78,11 @@ def save(directory: str | Path, cfg: Config, model, optimizer, step: int, epoch:
     return d
 
 
-def load_state(directory: str | Path, map_location="cpu") -> dict:
-    """Verified state dict of a checkpoint directory (raises CheckpointError if incomplete/corrupt)."""
+def load_state(directory: str | Path) -> dict:
+    """Verified state dict of a checkpoint directory, on the CPU (raises CheckpointError if incomplete/corrupt).
+
+    Always the CPU: `restore` lets `load_state_dict` place each tensor where the model and optimiser want
+    it; loaded straight onto a GPU, the RNG state would be a CUDA tensor `torch.set_rng_state` refuses."""
     d = Path(directory)
     marker = d / MARKER
     if not marker.exists() or not (d / STATE).exists():
@@ -90,13 +93,13 @@ def load_state(directory: str | Path, map_location="cpu") -> dict:
         raise CheckpointError(f"{marker} is unreadable ({e}): incomplete checkpoint") from e
     if _sha256(d / STATE) != expected:
         raise CheckpointError(f"{d}/{STATE} does not match its {MARKER} checksum (corrupt or partial write)")
-    return torch.load(d / STATE, map_location=map_location, weights_only=True)
+    return torch.load(d / STATE, map_location="cpu", weights_only=True)
 
 
-def load_uri(uri: str, endpoint: str | None = None, region: str | None = None, map_location="cpu") -> dict:
+def load_uri(uri: str, endpoint: str | None = None, region: str | None = None) -> dict:
     """Verified state of a checkpoint directory, local or s3:// (state.pt and its marker fetched first)."""
     if not uri.startswith("s3://"):
-        return load_state(uri, map_location)
+        return load_state(uri)
     import tempfile
 
     from service.storage import read_bytes
@@ -106,7 +109,7 @@ def load_uri(uri: str, endpoint: str | None = None, region: str | None = None, m
                 Path(tmp, name).write_bytes(read_bytes(f"{uri.rstrip('/')}/{name}", endpoint, region))
             except FileNotFoundError:
                 raise CheckpointError(f"{uri} is not a complete checkpoint (missing {name})") from None
-        return load_state(tmp, map_location)
+        return load_state(tmp)
 
 
 def read_marker(checkpoint) -> dict:
@@ -121,13 +124,17 @@ def config_of(state: dict) -> Config:
 
 
 def restore(state: dict, model, optimizer=None) -> tuple[int, int]:
-    """Load weights (and optimiser) into an unwrapped AudioJEPA; returns (step, epoch)."""
+    """Load weights (and optimiser) into an unwrapped AudioJEPA on any device; returns (step, epoch).
+
+    Weights and AdamW moments go to the parameters' device; AdamW's `step` counters stay on the CPU
+    (torch keeps them there unless the optimiser is fused or capturable: on a GPU they would add a host
+    sync to every step); the RNG state stays a CPU ByteTensor."""
     model.encoder.load_state_dict(state["encoder"])
     model.predictor.load_state_dict(state["predictor"])
     model.target_encoder.load_state_dict(state["target_encoder"])
     if optimizer is not None and state["optimizer"]:
         optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["torch_rng"])
+    torch.set_rng_state(state["torch_rng"].cpu())
     return int(state["step"]), int(state["epoch"])
 
 
@@ -162,7 +169,7 @@ def checkpoint_dirs(cfg: Config) -> list[str]:
     return [uri_for(d, cfg.checkpoint.storage_path) for d in reversed(dirs)]
 
 
-def load_latest(cfg: Config, exclude: tuple[str, ...] = (), map_location="cpu", log=print) -> tuple[dict, str] | None:
+def load_latest(cfg: Config, exclude: tuple[str, ...] = (), log=print) -> tuple[dict, str] | None:
     """(state, uri) of the newest checkpoint whose state.pt matches its marker's sha256; damaged ones are
     logged and passed over (falling back to the previous complete one).  None when the run has none;
     CheckpointError when it has checkpoints but none verifies (starting afresh would silently lose them)."""
@@ -170,7 +177,7 @@ def load_latest(cfg: Config, exclude: tuple[str, ...] = (), map_location="cpu", 
     problems = []
     for d in dirs:
         try:
-            return load_uri(d, cfg.storage.s3_endpoint, cfg.storage.s3_region, map_location), d
+            return load_uri(d, cfg.storage.s3_endpoint, cfg.storage.s3_region), d
         except CheckpointError as e:
             problems.append(str(e))
             log(f"checkpoint {d} skipped: {e}")

@@ -167,11 +167,11 @@ class WorkerRun:
         say = print if self.rank == 0 else (lambda *a, **k: None)
         try:
             with restored.as_directory() as d:
-                state = ckpt.load_state(d, map_location=self.device)
+                state = ckpt.load_state(d)
         except ckpt.CheckpointError as e:
             name = os.path.basename(restored.path.rstrip("/"))
             say(f"checkpoint {name} is damaged ({e}); falling back to the previous complete one", flush=True)
-            found = ckpt.load_latest(self.cfg, exclude=(name,), map_location=self.device, log=say)
+            found = ckpt.load_latest(self.cfg, exclude=(name,), log=say)
             if found is None:
                 raise ckpt.CheckpointError(f"run {self.cfg.run_name}: {name} is damaged and no earlier checkpoint "
                                            "verifies; use a new run_name to start afresh") from e

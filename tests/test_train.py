@@ -192,3 +192,36 @@ def test_resubmitting_with_a_changed_config_is_refused_unless_allowed(clean_corp
     assert allowed["status"] == "succeeded", allowed["error"]
     tags = MlflowClient(mlflow_server).get_run(allowed["mlflow_run_id"]).data.tags
     assert json.loads(tags["audio_jepa.config_change.1"]) == {"masking.ratio": [[0.6, 0.8], 0.7]}
+
+
+@pytest.mark.filterwarnings("ignore:for .* copying from a non-meta parameter")  # meta: copies are no-ops
+def test_the_worker_restores_a_checkpoint_into_a_model_on_another_device(tmp_path):
+    """A GPU run's resume, with `meta` standing in for the GPU: the state is loaded on the CPU and placed by
+    load_state_dict (loaded onto the device, the RNG state is a device tensor `torch.set_rng_state` refuses,
+    and every preemption of a GPU run ended in retries of that error)."""
+    from types import SimpleNamespace
+
+    import ray.train
+    import torch
+
+    from service.worker import WorkerRun
+    cfg = load_config("tiny", SMALL)
+    model = AudioJEPA(cfg)
+    opt = build_optimizer(model, cfg.optim)
+    sum(p.square().sum() for p in model.parameters() if p.requires_grad).backward()
+    opt.step()  # AdamW now holds moments and step counters
+    rng = torch.get_rng_state()
+    d = ckpt.save(tmp_path / "c", cfg, model, opt, 7, 1, data_position=56, data_digests=[5, 123])
+    torch.manual_seed(99)
+
+    device = torch.device("meta")
+    on_device = AudioJEPA(cfg).to(device)
+    run = SimpleNamespace(cfg=cfg, rank=1, world=2, device=device, core=on_device,
+                          opt=build_optimizer(on_device, cfg.optim))
+    WorkerRun._restore(run, ray.train.Checkpoint.from_directory(str(d)))
+    assert (run.step, run.epoch, run.data_position, run.data_digest) == (7, 1, 56, 123)
+    assert torch.equal(torch.get_rng_state(), rng)  # the RNG continues where the checkpoint left it
+    assert {p.device.type for p in on_device.parameters()} == {"meta"}
+    moments = list(run.opt.state.values())
+    assert moments and all(s["exp_avg"].device.type == "meta" for s in moments)
+    assert all(s["step"].device.type == "cpu" for s in moments)  # where torch keeps them: no host sync per step
