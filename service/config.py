@@ -255,9 +255,11 @@ class TrainConfig:
     threads_per_worker: int = 0     # torch intra-op threads; 0 = cpus_per_worker
     max_nonfinite: int = 3          # consecutive non-finite losses before the run stops
     min_erank: float = 0.0          # stop as "collapsed" when the target effective rank falls below (0 = never)
+    precision: str = "auto"         # auto (bf16 autocast on CUDA, fp32 elsewhere) | bf16 | fp32
 
     def validate(self) -> None:
         _check(self.steps >= 1, "train.steps", self.steps, ">= 1")
+        _check(self.precision in ("auto", "bf16", "fp32"), "train.precision", self.precision, "auto, bf16 or fp32")
         _check(self.workers >= 1, "train.workers", self.workers, ">= 1")
         _check(self.batch_size % self.workers == 0, "train.batch_size", self.batch_size,
                f"divisible by train.workers={self.workers}")

@@ -45,7 +45,12 @@ class LogMel(nn.Module):
 
     @torch.no_grad()
     def forward(self, wav: torch.Tensor) -> torch.Tensor:
-        """[B, samples] float -> normalised log-mel [B, n_mels, n_frames] (cropped/padded in time)."""
+        """[B, samples] float -> normalised log-mel [B, n_mels, n_frames] (cropped/padded in time), in fp32
+        even inside a bf16 autocast region."""
+        with torch.autocast(wav.device.type, enabled=False):
+            return self._forward(wav)
+
+    def _forward(self, wav: torch.Tensor) -> torch.Tensor:
         if wav.dim() == 1:
             wav = wav[None]
         wav = wav.float()

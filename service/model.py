@@ -141,24 +141,39 @@ class Predictor(nn.Module):
         return self.proj(self.norm(x[:, ctx.shape[1]:]))
 
 
+def autocast(device: torch.device, precision: str = "auto"):
+    """A train step's mixed precision: bf16 autocast on `device` (`precision` bf16, or auto on CUDA), else
+    off.  One code path for every device type, so the CPU runs (and tests) what a GPU runs."""
+    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+def fp32(t: torch.Tensor):
+    """Autocast off on `t`'s device: what is sensitive to rounding (losses, target normalisation, the
+    covariance) runs in fp32 inside a bf16 step."""
+    return torch.autocast(t.device.type, enabled=False)
+
+
 def jepa_loss(pred: torch.Tensor, target: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
     """Mean over target patches. l2 = ||p - t||^2 / D; smooth_l1 (I-JEPA); cosine = 2 - 2 cos (Audio-JEPA)."""
-    pred, target = pred.float(), target.float()
-    if cfg.kind == "l2":
-        return (pred - target).pow(2).mean()
-    if cfg.kind == "smooth_l1":
-        return F.smooth_l1_loss(pred, target)
-    return (2 - 2 * F.cosine_similarity(pred, target, dim=-1)).mean()
+    with fp32(pred):
+        pred, target = pred.float(), target.float()
+        if cfg.kind == "l2":
+            return (pred - target).pow(2).mean()
+        if cfg.kind == "smooth_l1":
+            return F.smooth_l1_loss(pred, target)
+        return (2 - 2 * F.cosine_similarity(pred, target, dim=-1)).mean()
 
 
 def variance_covariance(z: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
     """VICReg's anti-collapse terms over tokens [.., D]: every channel keeps a std of 1 and channels decorrelate."""
-    z = z.float().reshape(-1, z.shape[-1])
-    z = z - z.mean(0)
-    std = torch.sqrt(z.var(0) + 1e-4)
-    cov = (z.T @ z) / (z.shape[0] - 1)
-    off = cov - torch.diag(torch.diag(cov))
-    return cfg.var_weight * F.relu(1 - std).mean() + cfg.cov_weight * off.pow(2).sum() / z.shape[-1]
+    with fp32(z):
+        z = z.float().reshape(-1, z.shape[-1])
+        z = z - z.mean(0)
+        std = torch.sqrt(z.var(0) + 1e-4)
+        cov = (z.T @ z) / (z.shape[0] - 1)
+        off = cov - torch.diag(torch.diag(cov))
+        return cfg.var_weight * F.relu(1 - std).mean() + cfg.cov_weight * off.pow(2).sum() / z.shape[-1]
 
 
 class AudioJEPA(nn.Module):
@@ -180,12 +195,14 @@ class AudioJEPA(nn.Module):
         after its final norm, for collapse monitors)."""
         c, enc = self.loss_cfg, self.target_encoder
         outs = enc.block_outputs(patches, keep, layers=min(c.target_layers, len(enc.blocks)))
-        h = enc.norm(outs[-1])
-        if c.target_norm == "instancenorm":  # per clip and channel over tokens, per block, then averaged
-            t = torch.stack([F.instance_norm(o.float().transpose(1, 2)).transpose(1, 2) for o in outs]).mean(0)
-        else:
-            t = torch.stack([enc.norm(o) for o in outs]).mean(0) if len(outs) > 1 else h
-            t = F.layer_norm(t, t.shape[-1:]) if c.target_norm == "layernorm" else t
+        with fp32(patches):  # the targets' normalisation in fp32 inside a bf16 step
+            outs = [o.float() for o in outs]
+            h = enc.norm(outs[-1])
+            if c.target_norm == "instancenorm":  # per clip and channel over tokens, per block, then averaged
+                t = torch.stack([F.instance_norm(o.transpose(1, 2)).transpose(1, 2) for o in outs]).mean(0)
+            else:
+                t = torch.stack([enc.norm(o) for o in outs]).mean(0) if len(outs) > 1 else h
+                t = F.layer_norm(t, t.shape[-1:]) if c.target_norm == "layernorm" else t
         return t, h
 
     def forward(self, patches: torch.Tensor, ctx: torch.Tensor, tgt: torch.Tensor):

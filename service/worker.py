@@ -30,7 +30,7 @@ from service.encoder import AudioEncoder
 from service.features import LogMel, patchify
 from service.ledger import check_skips
 from service.masks import Masks, MaskGenerator
-from service.model import AudioJEPA, collapse_stats
+from service.model import AudioJEPA, autocast, collapse_stats
 from service.optim import apply_schedules, build_optimizer, tau_at
 from service.probe import TrainingProbe
 from service.raydata import calm_streaming_executor
@@ -148,8 +148,7 @@ class WorkerRun:
         self.per_worker = cfg.train.batch_size // self.world
         self.frontend = LogMel(cfg.features).to(self.device) if cfg.data.features_in == "trainer" else None
         self.masks = MaskGenerator(cfg.masking, cfg.features.grid)
-        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
-                         else torch.autocast("cpu", enabled=False))
+        self.autocast = autocast(self.device, cfg.train.precision)
         if cfg.data.calm_loop:  # this process iterates the rank's stream, so its Ray Data executor runs here
             calm_streaming_executor()
         self.stream = loop_cfg["batches"].stream(self.rank, self.per_worker, self.device, self.data_position)

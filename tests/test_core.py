@@ -210,6 +210,41 @@ def test_target_encoder_gets_no_grad_and_ema_matches_formula():
         assert torch.allclose(v, 0.9 * before[k] + 0.1 * online[k], atol=1e-6), k
 
 
+def test_a_bf16_step_matches_fp32_with_the_sensitive_parts_in_fp32():
+    """The autocast path a GPU takes, run on the CPU: one step's loss and gradients close to fp32's from the
+    same state, the loss, target normalisation, VICReg covariance and log-mel computed in fp32 inside it."""
+    from service.model import autocast
+    cfg = small_cfg(**{"loss.var_weight": 1.0, "loss.cov_weight": 0.04, "train.precision": "bf16"})
+    torch.manual_seed(0)
+    model = AudioJEPA(cfg)
+    p = batch(cfg)
+    m = MaskGenerator(cfg.masking, cfg.features.grid)(p.shape[0], np.random.default_rng(0))
+    grads = {}
+    for precision in ("fp32", "bf16"):
+        model.zero_grad(set_to_none=True)
+        with autocast(torch.device("cpu"), precision):
+            loss, h, parts = model(p, m.context, m.target)
+        loss.backward()
+        grads[precision] = (loss.detach(), [q.grad.clone() for q in model.encoder.parameters()])
+        assert loss.dtype == h.dtype == parts["vc_loss"].dtype == torch.float32, precision
+    (l32, g32), (l16, g16) = grads["fp32"], grads["bf16"]
+    assert torch.isfinite(l16) and abs(l16 - l32) / l32 < 0.05
+    assert all(torch.isfinite(g).all() for g in g16)
+    cos = torch.nn.functional.cosine_similarity(torch.cat([g.flatten() for g in g16]),
+                                                torch.cat([g.flatten() for g in g32]), dim=0)
+    assert cos > 0.9
+    with autocast(torch.device("cpu"), "auto"):  # auto is fp32 off CUDA
+        assert not torch.is_autocast_enabled("cpu")
+    # numerically sensitive parts: the same values inside a bf16 region as outside, to fp32 rounding
+    z = torch.randn(512, 64) * 3
+    wav = torch.randn(2, cfg.features.clip_samples) * 0.1
+    plain = (variance_covariance(z, cfg.loss), LogMel(cfg.features)(wav))
+    with autocast(torch.device("cpu"), "bf16"):
+        inside = (variance_covariance(z, cfg.loss), LogMel(cfg.features)(wav))
+    for a, b in zip(plain, inside):
+        assert b.dtype == torch.float32 and torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("kind", ["l2", "smooth_l1", "cosine"])
 def test_tiny_model_overfits_one_batch(kind):
     torch.manual_seed(0)
