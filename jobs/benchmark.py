@@ -10,6 +10,9 @@
         shard plan of a 100k-step x 256 run against a 100-step one (default data: the demo corpus).
     python -m jobs.benchmark train --config tiny --source DIR_OR_S3_OR_CORPUS [--json PATH]
         steady-state clips/s with 1 and 2 workers, and recovery time (worker kill -> first step).
+    python -m jobs.benchmark features [--config base] [--seconds S] [--json PATH]
+        the trainer's Kaldi fbank (features_in: trainer) on its device, clips/s, against torchaudio's
+        per-clip fbank loop it replaced (filterbanks rebuilt per clip), on one worker's batch.
     python -m jobs.benchmark quality [--config tiny] [--steps 200,400] [--seeds 3] [--ablate all] [--json PATH]
         pretraining vs the same-seed random init (same readout, same probes) on the dev tasks' test
         splits, beside log-mel: mean ± standard error over seeds, a Markdown table and a plot
@@ -276,6 +279,48 @@ def _demo_source() -> str:
     return str(DEMO_DIR / "pretrain")
 
 
+# --- features --------------------------------------------------------------------------------
+def _clips_per_s(fn, wav: torch.Tensor, seconds: float) -> float:
+    fn(wav)  # warm-up
+    reps, t0 = 0, time.perf_counter()
+    while reps < 2 or time.perf_counter() - t0 < seconds:
+        fn(wav)
+        if wav.is_cuda:
+            torch.cuda.synchronize()
+        reps += 1
+    return reps * wav.shape[0] / (time.perf_counter() - t0)
+
+
+def bench_features(args) -> None:
+    import torchaudio
+
+    from service.config import load_config
+    from service.features import LogMel
+    cfg = load_config(args.config, args.overrides + ["features.frontend=kaldi", "features.mean=0.0",
+                                                     "features.std=1.0"])
+    fc, device = cfg.features, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    batch = cfg.train.batch_size // cfg.train.workers
+    wav = torch.randn(batch, fc.clip_samples, generator=torch.Generator().manual_seed(0)).mul_(0.1).to(device)
+    fe = LogMel(fc).to(device)
+
+    def per_clip(w):  # what the trainer ran before: torchaudio's fbank clip by clip, banks built each call
+        return torch.stack([torchaudio.compliance.kaldi.fbank(
+            c[None] - c.mean(), htk_compat=True, sample_frequency=fc.sample_rate, use_energy=False,
+            window_type="hanning", num_mel_bins=fc.n_mels, dither=0.0, frame_length=fc.win_ms,
+            frame_shift=fc.hop_ms, energy_floor=0.0).T for c in w])
+
+    seconds = min(args.seconds, 20.0)
+    base, ours = _clips_per_s(per_clip, wav, seconds), _clips_per_s(fe, wav, seconds)
+    res = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "config": args.config,
+           "batch": batch, "clip_samples": fc.clip_samples, "per_clip_clips_per_s": base,
+           "batched_clips_per_s": ours, "speedup": ours / base}
+    emit(res, [("device, batch", f"{res['device']}, {batch} clips of {fc.clip_samples} samples"),
+               ("torchaudio fbank per clip: clips/s", f"{base:.1f}"),
+               ("LogMel (banks built once): clips/s", f"{ours:.1f}"),
+               ("speed-up", f"{ours / base:.2f}x")], args.json)
+
+
 # --- train -----------------------------------------------------------------------------------
 def bench_train(args) -> None:
     from service.config import load_config
@@ -366,7 +411,7 @@ def bench_quality(args) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.benchmark", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["model", "data", "train", "quality"])
+    p.add_argument("what", choices=["model", "data", "train", "features", "quality"])
     p.add_argument("--config", default="tiny")
     p.add_argument("--set", dest="overrides", action="append", default=[])
     p.add_argument("--source", help="data for `data` and `train`")
@@ -388,7 +433,8 @@ def main(argv=None) -> int:
         p.error(f"{args.what} needs --source")
     if args.what != "quality":
         args.steps = int(args.steps or 20)
-    {"model": bench_model, "data": bench_data, "train": bench_train, "quality": bench_quality}[args.what](args)
+    {"model": bench_model, "data": bench_data, "train": bench_train, "features": bench_features,
+     "quality": bench_quality}[args.what](args)
     return 0
 
 

@@ -110,6 +110,26 @@ def test_logmel_equals_torchaudio_melspectrogram():
     assert torch.allclose(LogMel(cfg)(wav), want, atol=1e-4)
 
 
+def test_kaldi_front_end_is_torchaudios_fbank_batched_from_banks_built_once(monkeypatch):
+    """`base`'s Kaldi fbank: torchaudio's per-clip output (what the trainer computed before), from filterbanks
+    built when the module is and moved with it, never rebuilt per clip or per step."""
+    import torchaudio.compliance.kaldi as kaldi
+    cfg = load_config("base", ["features.mean=0.0", "features.std=1.0"]).features
+    wav = torch.randn(3, cfg.clip_samples, generator=torch.Generator().manual_seed(0)) * 0.1
+    want = torch.stack([kaldi.fbank(w[None] - w.mean(), htk_compat=True, sample_frequency=cfg.sample_rate,
+                                    use_energy=False, window_type="hanning", num_mel_bins=cfg.n_mels, dither=0.0,
+                                    frame_length=cfg.win_ms, frame_shift=cfg.hop_ms, energy_floor=0.0).T for w in wav])
+    fe = LogMel(cfg)
+    assert {"kaldi_banks", "kaldi_window"} <= dict(fe.named_buffers()).keys()  # .to(device) moves them
+    built = []
+    monkeypatch.setattr(kaldi, "get_mel_banks", lambda *a, **k: built.append(a) or (_ for _ in ()).throw(
+        AssertionError("filterbank rebuilt")))
+    got = fe(wav)
+    assert built == [] and got.shape == want.shape
+    assert torch.allclose(got, want, atol=1e-3), (got - want).abs().max()
+    assert torch.equal(fe(wav[1:2]), got[1:2]) or torch.allclose(fe(wav[1:2]), got[1:2], atol=1e-5)
+
+
 def test_patchify_roundtrip_non_square():
     spec = torch.randn(3, 96, 512)
     p = patchify(spec, 16, 16)
@@ -462,3 +482,13 @@ def test_stored_configs_of_older_models_still_load():
     assert (cfg.readout.frames, cfg.readout.pooling) == ("mean", "mean")  # the readout they were made with
     with pytest.raises(ConfigError, match="storage.s3_endpoint"):  # a user's config is told where the key went
         load_config(old)
+
+
+def test_features_benchmark_compares_in_one_run(tmp_path):
+    from jobs.benchmark import main
+    out = tmp_path / "features.json"
+    assert main(["features", "--config", "tiny", "--seconds", "0.05", "--set", "train.batch_size=2",
+                 "--json", str(out)]) == 0
+    res = __import__("json").loads(out.read_text())
+    assert res["batch"] == 2 and res["per_clip_clips_per_s"] > 0 and res["batched_clips_per_s"] > 0
+    assert res["speedup"] == pytest.approx(res["batched_clips_per_s"] / res["per_clip_clips_per_s"])
