@@ -54,14 +54,22 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+_OPS = {"sum": dist.ReduceOp.SUM, "mean": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
+
+
 def agree(value: float, op: str, device) -> float:
     """One float agreed by every rank: op is sum | mean | min | max (a no-op on a single worker)."""
-    if not _distributed():
-        return float(value)
-    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "mean": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN,
-                           "max": dist.ReduceOp.MAX}[op])
-    return t.item() / (dist.get_world_size() if op == "mean" else 1)
+    return agree_all(torch.tensor([float(value)], dtype=torch.float64, device=device), op)[0]
+
+
+def agree_all(values: torch.Tensor, op: str) -> list[float]:
+    """A vector agreed by every rank, read to the host once: the step's only wait for the device."""
+    if _distributed():
+        values = values.clone()
+        dist.all_reduce(values, op=_OPS[op])
+        if op == "mean":
+            values /= dist.get_world_size()
+    return values.tolist()
 
 
 def gather(value: int, device) -> list[int]:
@@ -73,10 +81,10 @@ def gather(value: int, device) -> list[int]:
     return [int(v.item()) for v in out]
 
 
-def constant_fraction(patches: torch.Tensor, idx: torch.Tensor) -> float:
+def constant_fraction(patches: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """Fraction of the patches at `idx` that are constant (digital silence or padding): nothing to learn."""
     constant = (patches.amax(-1) - patches.amin(-1)) < 1e-6  # [B, N]
-    return torch.gather(constant, 1, idx).float().mean().item()
+    return torch.gather(constant, 1, idx).float().mean()
 
 
 def _fmt_eta(seconds: float) -> str:
@@ -93,7 +101,8 @@ def _write_resume_record(cfg: Config, record: dict) -> None:
 
 
 class StepMeter:
-    """Per-step figures between two reports (averaged), clips and data-wait time."""
+    """Per-step figures between two reports (averaged), clips and data-wait time.  Figures may be device
+    tensors: they are read to the host together, when the report is due, not at every step."""
 
     def __init__(self):
         self.t0, self.wait, self.clips = time.time(), 0.0, 0
@@ -110,8 +119,9 @@ class StepMeter:
 
     def metrics(self) -> dict[str, float]:
         elapsed = max(time.time() - self.t0, 1e-9)
-        return {**{k: float(np.mean(v)) for k, v in self.values.items()}, "clips_per_s": self.clips / elapsed,
-                "data_wait_fraction": self.wait / elapsed}
+        means = [torch.stack([torch.as_tensor(x).detach().double().cpu() for x in v]).mean() for v in self.values.values()]
+        values = dict(zip(self.values, torch.stack(means).tolist())) if means else {}
+        return {**values, "clips_per_s": self.clips / elapsed, "data_wait_fraction": self.wait / elapsed}
 
 
 class Forward(NamedTuple):
@@ -141,7 +151,9 @@ class WorkerRun:
         self.step, self.epoch, self.resume_record, self.skipped_steps = 0, 0, None, 0
         self.data_position, self.data_digest = 0, 0  # clips this rank consumed; crc32 chain of their ids
         self._restore(ray.train.get_checkpoint())
-        self.model = ray.train.torch.prepare_model(self.core) if self.world > 1 else self.core
+        # the model has no running statistics: nothing for DDP to broadcast before every forward
+        self.model = (ray.train.torch.prepare_model(self.core, parallel_strategy_kwargs={"broadcast_buffers": False})
+                      if self.world > 1 else self.core)
         self.trainable = [p for p in self.core.parameters() if p.requires_grad]
 
         self.total = cfg.train.steps
@@ -209,8 +221,9 @@ class WorkerRun:
         batch = next(self.stream)
         self.meter.wait += time.time() - t_wait
         self.data_position += self.per_worker
-        self.data_digest = zlib.crc32(batch["clip"].cpu().numpy().astype("<i8").tobytes(), self.data_digest)
-        self.epoch = int(batch["epoch"][-1])
+        # host columns (never on the device): reading them costs no wait
+        self.data_digest = zlib.crc32(batch["clip"].numpy().astype("<i8").tobytes(), self.data_digest)
+        self.epoch = int(batch["epoch"].numpy()[-1])
         return batch
 
     def forward(self, batch: dict) -> Forward:
@@ -232,26 +245,26 @@ class WorkerRun:
         """Backward, clip, AdamW and EMA; False when the step was skipped.
 
         A step whose loss or gradient norm is not finite on any rank is skipped by every rank: no
-        optimiser step, no EMA update, counted in `skipped_steps`."""
+        optimiser step, no EMA update, counted in `skipped_steps`.  The ranks' agreement on that is the
+        step's one read from the device; every other figure stays there until a report."""
         cfg = self.cfg
         self.opt.zero_grad(set_to_none=True)
-        if agree(float(torch.isfinite(fwd.loss).item()), "min", self.device) < 1:
-            self._skip_nonfinite("loss")
-            return False
         self.backward(fwd.loss)
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
         gnorm = torch.nn.utils.clip_grad_norm_(self.trainable, clip)
-        if agree(float(torch.isfinite(gnorm).item()), "min", self.device) < 1:
+        loss_ok, grad_ok = agree_all(torch.stack([torch.isfinite(fwd.loss.detach()), torch.isfinite(gnorm)]).double(),
+                                     "min")
+        if loss_ok < 1 or grad_ok < 1:
             self.opt.zero_grad(set_to_none=True)
-            self._skip_nonfinite("gradient norm")
+            self._skip_nonfinite("loss" if loss_ok < 1 else "gradient norm")
             return False
         self.nonfinite = 0
         self.opt.step()
         self.step += 1
         self.core.ema_update(tau_at(self.step, self.total, cfg.ema))
         tgt = fwd.masks.target.to(self.device)
-        self.meter.add(self.per_worker * self.world, loss=fwd.loss.item(), grad_norm=float(gnorm),
-                       mask_ratio=fwd.masks.ratio, **{k: v.item() for k, v in fwd.parts.items()},
+        self.meter.add(self.per_worker * self.world, loss=fwd.loss.detach(), grad_norm=gnorm.detach(),
+                       mask_ratio=fwd.masks.ratio, **fwd.parts,
                        target_silence_fraction=constant_fraction(
                            fwd.patches.repeat_interleave(cfg.masking.per_clip, 0), tgt))
         if self.resume_record is not None:  # written after the first step: it also times the recovery

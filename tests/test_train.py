@@ -225,3 +225,53 @@ def test_the_worker_restores_a_checkpoint_into_a_model_on_another_device(tmp_pat
     moments = list(run.opt.state.values())
     assert moments and all(s["exp_avg"].device.type == "meta" for s in moments)
     assert all(s["step"].device.type == "cpu" for s in moments)  # where torch keeps them: no host sync per step
+
+
+def test_a_step_reads_the_device_once_and_a_report_reads_the_rest(monkeypatch):
+    """Host reads (`.item()`, `float(t)`, …) made by the service's code during steps that report nothing: one
+    per step (the ranks' agreement that the step is finite); losses and norms stay on the device until the
+    report.  Run on the CPU with the worker's own methods; on a GPU each such read is a sync."""
+    import sys
+
+    import numpy as np
+    import torch
+
+    import service
+    from service.features import LogMel
+    from service.masks import MaskGenerator
+    from service.model import autocast
+    from service.worker import StepMeter, WorkerRun
+    cfg = load_config("tiny", SMALL + ["features.mean=-5.0", "features.std=5.0", "loss.var_weight=1.0",
+                                       "loss.cov_weight=0.04"])
+    torch.manual_seed(0)
+    run = WorkerRun.__new__(WorkerRun)  # the worker's state without Ray Train around it
+    run.cfg, run.rank, run.world, run.device, run.total, run.per_worker = cfg, 0, 1, torch.device("cpu"), 10, 4
+    run.core = run.model = AudioJEPA(cfg)
+    run.opt = build_optimizer(run.core, cfg.optim)
+    run.trainable = [p for p in run.core.parameters() if p.requires_grad]
+    run.frontend, run.masks = LogMel(cfg.features), MaskGenerator(cfg.masking, cfg.features.grid)
+    run.autocast = autocast(run.device, cfg.train.precision)
+    run.step = run.epoch = run.skipped_steps = run.nonfinite = run.data_position = run.data_digest = 0
+    run.resume_record, run.last_h, run.meter, run.probe_last = None, None, StepMeter(), None
+    g = torch.Generator().manual_seed(0)
+    run.stream = iter([{"x": torch.randn(4, cfg.features.clip_samples, generator=g) * 0.1,
+                        "epoch": torch.zeros(4, dtype=torch.int64), "clip": torch.arange(4 * i, 4 * i + 4)}
+                       for i in range(6)])
+    ours, reads = str(Path(service.__file__).parent), []
+
+    def counted(name, read):
+        def wrapper(self, *a, **k):
+            frame = sys._getframe(1)
+            if frame.f_code.co_filename.startswith(ours):
+                reads.append(f"{name} at {Path(frame.f_code.co_filename).name}:{frame.f_lineno}")
+            return read(self, *a, **k)
+        return wrapper
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__", "cpu"):
+        monkeypatch.setattr(torch.Tensor, name, counted(name, getattr(torch.Tensor, name)))
+    for _ in range(5):
+        run.train_step()
+    assert run.step == 5 and run.skipped_steps == 0
+    assert len(reads) == 5, reads
+    metrics = run.metrics(run.last_h)  # the report reads what accumulated
+    monkeypatch.undo()
+    assert np.isfinite(metrics["loss"]) and metrics["vc_loss"] > 0 and metrics["grad_norm"] > 0
