@@ -13,6 +13,10 @@
     python -m jobs.benchmark features [--config base] [--seconds S] [--json PATH]
         the trainer's Kaldi fbank (features_in: trainer) on its device, clips/s, against torchaudio's
         per-clip fbank loop it replaced (filterbanks rebuilt per clip), on one worker's batch.
+    python -m jobs.benchmark gpu [--config base] [--steps N] [--json PATH]
+        the one prepared GPU check (jobs/benchmark_gpu.py): matmul rate, the worker's train step eager and
+        compiled (clips/s, MFU), log-mel on the device, a checkpoint restored on the device, NCCL bus
+        bandwidth; on a CPU the same measurements in fp32 and CPU bf16.
     python -m jobs.benchmark quality [--config tiny] [--steps 200,400] [--seeds 3] [--ablate all] [--json PATH]
         pretraining vs the same-seed random init (same readout, same probes) on the dev tasks' test
         splits, beside log-mel: mean ± standard error over seeds, a Markdown table and a plot
@@ -321,6 +325,11 @@ def bench_features(args) -> None:
                ("speed-up", f"{ours / base:.2f}x")], args.json)
 
 
+def bench_gpu(args) -> None:
+    from jobs.benchmark_gpu import bench_gpu as run
+    run(args, emit)
+
+
 # --- train -----------------------------------------------------------------------------------
 def bench_train(args) -> None:
     from service.config import load_config
@@ -411,7 +420,7 @@ def bench_quality(args) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.benchmark", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["model", "data", "train", "features", "quality"])
+    p.add_argument("what", choices=["model", "data", "train", "features", "gpu", "quality"])
     p.add_argument("--config", default="tiny")
     p.add_argument("--set", dest="overrides", action="append", default=[])
     p.add_argument("--source", help="data for `data` and `train`")
@@ -434,7 +443,7 @@ def main(argv=None) -> int:
     if args.what != "quality":
         args.steps = int(args.steps or 20)
     {"model": bench_model, "data": bench_data, "train": bench_train, "features": bench_features,
-     "quality": bench_quality}[args.what](args)
+     "gpu": bench_gpu, "quality": bench_quality}[args.what](args)
     return 0
 
 

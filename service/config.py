@@ -256,6 +256,7 @@ class TrainConfig:
     max_nonfinite: int = 3          # consecutive non-finite losses before the run stops
     min_erank: float = 0.0          # stop as "collapsed" when the target effective rank falls below (0 = never)
     precision: str = "auto"         # auto (bf16 autocast on CUDA, fp32 elsewhere) | bf16 | fp32
+    compile: bool = False           # torch.compile the transformer blocks (same checkpoint keys)
 
     def validate(self) -> None:
         _check(self.steps >= 1, "train.steps", self.steps, ">= 1")

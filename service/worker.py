@@ -30,7 +30,7 @@ from service.encoder import AudioEncoder
 from service.features import LogMel, patchify
 from service.ledger import check_skips
 from service.masks import Masks, MaskGenerator
-from service.model import AudioJEPA, autocast, collapse_stats
+from service.model import AudioJEPA, autocast, collapse_stats, compile_blocks
 from service.optim import apply_schedules, build_optimizer, tau_at
 from service.probe import TrainingProbe
 from service.raydata import calm_streaming_executor
@@ -134,41 +134,54 @@ class Forward(NamedTuple):
 
 
 class WorkerRun:
-    """One Ray Train worker's share of a pretraining run: set-up/restore, steps, metrics, probe, reports."""
+    """One rank's share of a pretraining run: set-up/restore, steps, metrics, probe, reports.
 
-    def __init__(self, loop_cfg: dict):
-        cfg = self.cfg = config_from_dict(loop_cfg["config"])
-        self.run_id, self.uri, self.ledger = (loop_cfg.get("mlflow_run_id"), loop_cfg.get("tracking_uri"),
-                                              loop_cfg.get("ledger"))
-        ctx = ray.train.get_context()
-        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
-        torch.set_num_threads(cfg.train.threads_per_worker or cfg.train.cpus_per_worker)
-        self.device = ray.train.torch.get_device() if cfg.train.use_gpu else torch.device("cpu")
+    The constructor builds what a step needs on `device` and nothing of Ray's, so a benchmark or a test runs
+    the very same step (give it a `stream`); `from_ray` is the Ray Train worker: restore, DDP, the rank's
+    batches, the probe and the configured faults."""
+
+    def __init__(self, cfg: Config, rank: int, world: int, device: torch.device):
+        self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
         torch.manual_seed(cfg.seed)  # identical init on every rank
-
-        self.core = AudioJEPA(cfg).to(self.device)
+        self.core = AudioJEPA(cfg).to(device)
+        if cfg.train.compile:
+            compile_blocks(self.core)
         self.opt = build_optimizer(self.core, cfg.optim)
+        self.model = self.core
+        self.trainable = [p for p in self.core.parameters() if p.requires_grad]
         self.step, self.epoch, self.resume_record, self.skipped_steps = 0, 0, None, 0
         self.data_position, self.data_digest = 0, 0  # clips this rank consumed; crc32 chain of their ids
-        self._restore(ray.train.get_checkpoint())
-        # the model has no running statistics: nothing for DDP to broadcast before every forward
-        self.model = (ray.train.torch.prepare_model(self.core, parallel_strategy_kwargs={"broadcast_buffers": False})
-                      if self.world > 1 else self.core)
-        self.trainable = [p for p in self.core.parameters() if p.requires_grad]
-
         self.total = cfg.train.steps
-        self.per_worker = cfg.train.batch_size // self.world
-        self.frontend = LogMel(cfg.features).to(self.device) if cfg.data.features_in == "trainer" else None
+        self.per_worker = cfg.train.batch_size // world
+        self.frontend = LogMel(cfg.features).to(device) if cfg.data.features_in == "trainer" else None
         self.masks = MaskGenerator(cfg.masking, cfg.features.grid)
-        self.autocast = autocast(self.device, cfg.train.precision)
+        self.autocast = autocast(device, cfg.train.precision)
+        self.stream, self.probe, self.probe_last = None, None, None
+        self.run_id = self.uri = self.ledger = None
+        self.meter, self.nonfinite, self.collapsed, self.last_h = StepMeter(), 0, False, None
+        self.t_start, self.step_start = time.time(), 0
+
+    @classmethod
+    def from_ray(cls, loop_cfg: dict) -> "WorkerRun":
+        """This Ray Train worker's run, restored from Ray's checkpoint when there is one."""
+        cfg = config_from_dict(loop_cfg["config"])
+        ctx = ray.train.get_context()
+        torch.set_num_threads(cfg.train.threads_per_worker or cfg.train.cpus_per_worker)
+        device = ray.train.torch.get_device() if cfg.train.use_gpu else torch.device("cpu")
+        run = cls(cfg, ctx.get_world_rank(), ctx.get_world_size(), device)
+        run.run_id, run.uri, run.ledger = loop_cfg.get("mlflow_run_id"), loop_cfg.get("tracking_uri"), \
+            loop_cfg.get("ledger")
+        run._restore(ray.train.get_checkpoint())
+        if run.world > 1:  # the model has no running statistics: nothing for DDP to broadcast before a forward
+            run.model = ray.train.torch.prepare_model(run.core, parallel_strategy_kwargs={"broadcast_buffers": False})
         if cfg.data.calm_loop:  # this process iterates the rank's stream, so its Ray Data executor runs here
             calm_streaming_executor()
-        self.stream = loop_cfg["batches"].stream(self.rank, self.per_worker, self.device, self.data_position)
-        self.probe = self._probe() if cfg.probe.task and self.rank == 0 else None
-        self.probe_last = 0.0 if cfg.probe.task else None
-        self.meter, self.nonfinite, self.collapsed, self.last_h = StepMeter(), 0, False, None
-        self.t_start, self.step_start = time.time(), self.step
-        faults.install(self)
+        run.stream = loop_cfg["batches"].stream(run.rank, run.per_worker, device, run.data_position)
+        run.probe = run._probe() if cfg.probe.task and run.rank == 0 else None
+        run.probe_last = 0.0 if cfg.probe.task else None
+        run.t_start, run.step_start = time.time(), run.step
+        faults.install(run)
+        return run
 
     # --- set-up ------------------------------------------------------------------------------
     def _restore(self, restored) -> None:
@@ -366,10 +379,15 @@ class WorkerRun:
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if self.rank == 0:
-                ckpt.save(tmp, self.cfg, self.core, self.opt, self.step, self.epoch, metrics=metrics,
-                          skipped_steps=self.skipped_steps, data_position=self.data_position, data_digests=digests)
+                self.save(tmp, metrics, digests)
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{self.step:08d}")
+
+    def save(self, directory: str, metrics: dict, digests: list[int] | None = None) -> None:
+        """This rank's state as a checkpoint directory (`digests`: every rank's data digest, in rank order)."""
+        ckpt.save(directory, self.cfg, self.core, self.opt, self.step, self.epoch, metrics=metrics,
+                  skipped_steps=self.skipped_steps, data_position=self.data_position,
+                  data_digests=digests if digests is not None else [self.data_digest])
 
     def finished_before(self) -> None:
         """Restored at the last step (a worker group restarted after the final checkpoint; a plain
@@ -386,7 +404,7 @@ def train_loop_per_worker(loop_cfg: dict) -> dict | None:
     # named by its file path, which Train's own level setting misses; our progress line says it once
     logging.getLogger().setLevel(logging.WARNING)
     try:
-        run = WorkerRun(loop_cfg)
+        run = WorkerRun.from_ray(loop_cfg)
         if run.step >= run.total:
             run.finished_before()
             return

@@ -492,3 +492,35 @@ def test_features_benchmark_compares_in_one_run(tmp_path):
     res = __import__("json").loads(out.read_text())
     assert res["batch"] == 2 and res["per_clip_clips_per_s"] > 0 and res["batched_clips_per_s"] > 0
     assert res["speedup"] == pytest.approx(res["batched_clips_per_s"] / res["per_clip_clips_per_s"])
+
+
+def test_gpu_check_runs_on_the_cpu_at_toy_size(tmp_path):
+    """`jobs.benchmark gpu` on the CPU: fp32 and CPU bf16, eager and compiled, the device's log-mel and a
+    checkpoint restored on the device continuing exactly; compiled blocks keep the eager checkpoint keys."""
+    import json
+
+    from jobs.benchmark import main
+    from service import checkpoint as ckpt
+    from service.worker import WorkerRun
+    small = ["--set", "model.width=32", "--set", "model.depth=1", "--set", "model.heads=2", "--set",
+             "model.pred_width=32", "--set", "model.pred_depth=1", "--set", "model.pred_heads=2", "--set",
+             "train.batch_size=2"]
+    out = tmp_path / "gpu.json"
+    assert main(["gpu", "--config", "tiny", "--steps", "2", *small, "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["device"] == "cpu" and res["nccl_busbw_gbps"] is None
+    assert set(res["train"]) == {"fp32", "fp32+compile", "bf16", "bf16+compile"}
+    assert all(v["clips_per_s"] > 0 and 0 < v["mfu"] for v in res["train"].values())
+    assert res["train"]["fp32+compile"]["loss_max_abs_diff_vs_eager"] < 1e-3  # compiling changes no result
+    r = res["resume"]
+    assert r["restored_step"] == r["checkpoint_step"] and r["final_step"] == 4
+    assert r["losses_equal"] and r["rng_equal"] and r["optimizer_steps_on_cpu"]
+    assert res["features_clips_per_s"] > 0
+    keys = {}
+    for compiled in (False, True):
+        cfg = small_cfg(**{"train.compile": compiled})
+        run = WorkerRun(cfg, 0, 1, torch.device("cpu"))
+        run.save(str(tmp_path / f"c{compiled}"), {})
+        keys[compiled] = {part: list(v) for part, v in ckpt.load_state(tmp_path / f"c{compiled}").items()
+                          if isinstance(v, dict)}
+    assert keys[True] == keys[False]

@@ -237,22 +237,10 @@ def test_a_step_reads_the_device_once_and_a_report_reads_the_rest(monkeypatch):
     import torch
 
     import service
-    from service.features import LogMel
-    from service.masks import MaskGenerator
-    from service.model import autocast
-    from service.worker import StepMeter, WorkerRun
+    from service.worker import WorkerRun
     cfg = load_config("tiny", SMALL + ["features.mean=-5.0", "features.std=5.0", "loss.var_weight=1.0",
-                                       "loss.cov_weight=0.04"])
-    torch.manual_seed(0)
-    run = WorkerRun.__new__(WorkerRun)  # the worker's state without Ray Train around it
-    run.cfg, run.rank, run.world, run.device, run.total, run.per_worker = cfg, 0, 1, torch.device("cpu"), 10, 4
-    run.core = run.model = AudioJEPA(cfg)
-    run.opt = build_optimizer(run.core, cfg.optim)
-    run.trainable = [p for p in run.core.parameters() if p.requires_grad]
-    run.frontend, run.masks = LogMel(cfg.features), MaskGenerator(cfg.masking, cfg.features.grid)
-    run.autocast = autocast(run.device, cfg.train.precision)
-    run.step = run.epoch = run.skipped_steps = run.nonfinite = run.data_position = run.data_digest = 0
-    run.resume_record, run.last_h, run.meter, run.probe_last = None, None, StepMeter(), None
+                                       "loss.cov_weight=0.04", "train.batch_size=4", "data.features_in=trainer"])
+    run = WorkerRun(cfg, 0, 1, torch.device("cpu"))  # the worker's step without Ray Train around it
     g = torch.Generator().manual_seed(0)
     run.stream = iter([{"x": torch.randn(4, cfg.features.clip_samples, generator=g) * 0.1,
                         "epoch": torch.zeros(4, dtype=torch.int64), "clip": torch.arange(4 * i, 4 * i + 4)}
