@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import tempfile
 import time
 import zlib
@@ -48,6 +49,24 @@ class RunStopped(RuntimeError):
 # errors every rank raises at the same step: the run ends with the reason instead of a worker failure that
 # Ray would retry `failure.max_failures` times to the same end
 FATAL = (RunStopped, NonFiniteLoss, ckpt.CheckpointError, DataSourceError)
+
+
+def fatal_reason(error: BaseException) -> str | None:
+    """"Type: message" of the FATAL error behind `error`, None when there is none.  An error raised in a Ray
+    Data task reaches the trainer wrapped (RayTaskError / UserCodeException); Ray keeps the original in its
+    cause chain or, once it crossed a process boundary, only in the traceback text."""
+    seen, todo = set(), [error]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, FATAL):
+            return f"{type(e).__name__}: {e}"
+        todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+    names = "|".join(t.__name__ for t in FATAL)
+    found = re.findall(rf"^(?:[\w.]+\.)?({names}): (.+)$", f"{getattr(error, 'traceback_str', '')}\n{error}", re.M)
+    return f"{found[-1][0]}: {found[-1][1]}" if found else None
 
 
 def _distributed() -> bool:
@@ -422,7 +441,10 @@ def train_loop_per_worker(loop_cfg: dict) -> dict | None:
             run.report(metrics, with_ckpt=do_ckpt or run.collapsed)
             if run.collapsed:
                 break
-    except FATAL as e:
-        print(f"stopping: {type(e).__name__}: {e}", flush=True)
-        return {"fatal_error": f"{type(e).__name__}: {e}"}
+    except Exception as e:  # noqa: BLE001 - one a restart cannot fix ends the run; any other goes to Ray
+        reason = fatal_reason(e)
+        if reason is None:
+            raise
+        print(f"stopping: {reason}", flush=True)
+        return {"fatal_error": reason}
     return None

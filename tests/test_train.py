@@ -263,3 +263,26 @@ def test_a_step_reads_the_device_once_and_a_report_reads_the_rest(monkeypatch):
     metrics = run.metrics(run.last_h)  # the report reads what accumulated
     monkeypatch.undo()
     assert np.isfinite(metrics["loss"]) and metrics["vc_loss"] > 0 and metrics["grad_norm"] > 0
+
+
+def test_a_damaged_corpus_segment_stops_the_run_at_once_naming_it(clean_corpus_dir, tmp_path):
+    """A checksum failure inside a Ray Data task reaches the trainer wrapped by Ray; the run still ends at once
+    (no worker-group restart spent on it), with the shard and the segment named."""
+    import pyarrow.parquet as pq
+
+    from service.prepare import PrepareOptions, prepare
+    corpus = tmp_path / "corpus"
+    prepare(load_config("tiny", [f"data.source={clean_corpus_dir}"]), str(corpus),
+            PrepareOptions(segment_seconds=1.0, row_group=2, task_files=2))
+    shard = sorted((corpus / "shards").glob("*.parquet"))[0]
+    table = pq.read_table(shard).to_pylist()
+    pcm = bytearray(table[0]["pcm"])
+    pcm[10] ^= 0xFF  # one flipped byte; the recorded crc32 stays
+    table[0]["pcm"] = bytes(pcm)
+    pq.write_table(pq.ParquetFile(shard).schema_arrow and __import__("pyarrow").Table.from_pylist(
+        table, schema=pq.ParquetFile(shard).schema_arrow), shard, row_group_size=2)
+    over = {"train.steps": 8, "checkpoint.every_steps": 8, "failure.max_failures": 3, "data.shuffle_blocks": 100}
+    summary = run_pretraining(cfg_for(corpus, tmp_path, "damaged", **over))
+    assert summary["status"] == "failed"
+    assert summary["error"].startswith("DataSourceError") and "fails its checksum" in summary["error"], summary
+    assert shard.name in summary["error"] and f"segment {table[0]['segment']} of {table[0]['key']}" in summary["error"]
