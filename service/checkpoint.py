@@ -11,13 +11,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 from pathlib import Path
+
+import pyarrow.fs as pafs
 
 import torch
 
 from service.config import Config, config_from_dict, to_yaml
+from service.storage import read_bytes, resolve, uri_for, write_bytes
 
-STATE, MARKER, CONFIG = "state.pt", "COMPLETE", "config.yaml"
+STATE, MARKER, CONFIG, DAMAGED = "state.pt", "COMPLETE", "config.yaml", "DAMAGED"
 
 
 class CheckpointError(RuntimeError):
@@ -100,9 +104,6 @@ def load_uri(uri: str, endpoint: str | None = None, region: str | None = None) -
     """Verified state of a checkpoint directory, local or s3:// (state.pt and its marker fetched first)."""
     if not uri.startswith("s3://"):
         return load_state(uri)
-    import tempfile
-
-    from service.storage import read_bytes
     with tempfile.TemporaryDirectory() as tmp:
         for name in (STATE, MARKER):
             try:
@@ -157,9 +158,6 @@ def fingerprint(model, optimizer=None) -> dict[str, float]:
 
 def checkpoint_dirs(cfg: Config) -> list[str]:
     """A run's checkpoint directories (local or s3:// URIs), newest first, verified or not."""
-    import pyarrow.fs as pafs
-
-    from service.storage import resolve, uri_for
     fs, root = resolve(cfg.run_dir, cfg.storage.s3_endpoint, cfg.storage.s3_region)
     try:
         infos = fs.get_file_info(pafs.FileSelector(root, recursive=False))
@@ -169,27 +167,72 @@ def checkpoint_dirs(cfg: Config) -> list[str]:
     return [uri_for(d, cfg.checkpoint.storage_path) for d in reversed(dirs)]
 
 
-def load_latest(cfg: Config, exclude: tuple[str, ...] = (), log=print) -> tuple[dict, str] | None:
-    """(state, uri) of the newest checkpoint whose state.pt matches its marker's sha256; damaged ones are
-    logged and passed over (falling back to the previous complete one).  None when the run has none;
-    CheckpointError when it has checkpoints but none verifies (starting afresh would silently lose them)."""
-    dirs = [d for d in checkpoint_dirs(cfg) if os.path.basename(d.rstrip("/")) not in exclude]
-    problems = []
-    for d in dirs:
+def latest(cfg: Config) -> tuple[str, dict] | None:
+    """(uri, marker) of the run's newest checkpoint with a readable COMPLETE marker and no DAMAGED note,
+    without reading its state: the one resume point that the driver, the dataset factories and the
+    workers share.  Its bytes are verified by the driver before a run starts (`verify_latest`) and
+    by whoever loads it (`load_uri`)."""
+    st = cfg.storage
+    for d in checkpoint_dirs(cfg):
         try:
-            return load_uri(d, cfg.storage.s3_endpoint, cfg.storage.s3_region), d
+            marker = json.loads(read_bytes(f"{d.rstrip('/')}/{MARKER}", st.s3_endpoint, st.s3_region, retries=2))
+        except (OSError, ValueError):  # no marker (a checkpoint being written) or an unreadable one
+            continue
+        try:
+            note = json.loads(read_bytes(f"{d.rstrip('/')}/{DAMAGED}", st.s3_endpoint, st.s3_region, retries=1))
+        except (OSError, ValueError):
+            return d, marker
+        if note.get("sha256") != marker.get("sha256"):  # a note about bytes since overwritten: void
+            return d, marker
+    return None
+
+
+def verify(uri: str, marker: dict, endpoint: str | None = None, region: str | None = None) -> None:
+    """Stream a checkpoint's state.pt through sha256 against its marker (no torch.load, constant memory)."""
+    fs, path = resolve(f"{uri.rstrip('/')}/{STATE}", endpoint, region)
+    h = hashlib.sha256()
+    try:
+        with fs.open_input_stream(path) as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+    except FileNotFoundError:
+        raise CheckpointError(f"{uri} is not a complete checkpoint (missing {STATE})") from None
+    if h.hexdigest() != marker.get("sha256"):
+        raise CheckpointError(f"{uri}/{STATE} does not match its {MARKER} checksum (corrupt or partial write)")
+
+
+def mark_damaged(cfg: Config, uri: str, reason: str) -> None:
+    """A DAMAGED note in the checkpoint directory, naming the marker it judged: every later lookup passes
+    over the checkpoint until a new one is written under the same name."""
+    st = cfg.storage
+    try:
+        sha = json.loads(read_bytes(f"{uri.rstrip('/')}/{MARKER}", st.s3_endpoint, st.s3_region))["sha256"]
+    except (OSError, ValueError, KeyError):
+        sha = None
+    write_bytes(f"{uri.rstrip('/')}/{DAMAGED}", json.dumps({"sha256": sha, "reason": reason}).encode(),
+                st.s3_endpoint, st.s3_region)
+
+
+def verify_latest(cfg: Config, log=print) -> tuple[str, dict] | None:
+    """(uri, marker) of the newest checkpoint whose bytes match its marker; each newer one that does not is
+    noted DAMAGED and logged.  None when the run has none; CheckpointError when it has checkpoints and
+    none verifies (starting afresh would silently lose them)."""
+    problems = []
+    while (found := latest(cfg)) is not None:
+        uri, marker = found
+        try:
+            verify(uri, marker, cfg.storage.s3_endpoint, cfg.storage.s3_region)
+            return found
         except CheckpointError as e:
             problems.append(str(e))
-            log(f"checkpoint {d} skipped: {e}")
-    if problems and not exclude:
+            log(f"checkpoint {uri} is damaged ({e}); passing over it to the previous one")
+            mark_damaged(cfg, uri, str(e))
+    if problems:
         raise CheckpointError(f"run {cfg.run_name}: no checkpoint verifies ({'; '.join(problems)})")
     return None
 
 
 def latest_checkpoint(cfg: Config) -> str | None:
-    """The newest checkpoint directory of a run whose sha256 verifies (local or s3://), else None."""
-    try:
-        found = load_latest(cfg)
-    except CheckpointError:
-        return None
-    return found[1] if found else None
+    """The run's newest checkpoint directory (local or s3://) by its marker, else None."""
+    found = latest(cfg)
+    return found[0] if found else None

@@ -132,6 +132,10 @@ class AudioEncoder(torch.nn.Module):
         t_ms = (centre_frame * fc.hop_ms + fc.win_ms / 2).float().expand(b, keep).clone()
         return frames, t_ms
 
+    def frame_count(self, n_samples: int) -> int:
+        """Frame embeddings that `n_samples` of audio has: the patch columns that start inside it (at least 1)."""
+        return max(1, self.cfg.features.columns_for(int(n_samples)))
+
     @torch.no_grad()
     def embed(self, wav, lengths=None, pooling: str | None = None) -> torch.Tensor:
         """[B, samples] -> [B, embedding_dim]: frame embeddings pooled over time (readout.pooling).
@@ -139,13 +143,25 @@ class AudioEncoder(torch.nn.Module):
         `lengths` (samples of real audio per row, when rows of different lengths were zero-padded to
         one batch) keeps each clip's pooling to its own frames.
         """
+        return self.embed_with_frames(wav, lengths, pooling)[0]
+
+    @torch.no_grad()
+    def embed_with_frames(self, wav, lengths=None, pooling: str | None = None):
+        """`embed` and `embed_frames` from one pass of the encoder: ([B, embedding_dim], [B, T', frame_dim],
+        [B, T'] ms); row i's own frames are its first `frame_count(lengths[i])`."""
         wav = torch.as_tensor(wav, dtype=torch.float32)
         if wav.dim() == 1:
             wav = wav[None]
         lengths = [wav.shape[1]] * wav.shape[0] if lengths is None else lengths
-        frames, _ = self.embed_frames(wav, lengths)
-        n_valid = torch.tensor([max(1, self.cfg.features.columns_for(int(n))) for n in lengths])
-        return clip_readout(frames, n_valid, pooling or self.cfg.readout.pooling)
+        frames, t_ms = self.embed_frames(wav, lengths)
+        n_valid = torch.tensor([self.frame_count(n) for n in lengths])
+        return clip_readout(frames, n_valid, pooling or self.cfg.readout.pooling), frames, t_ms
+
+    def save(self, path: str | Path) -> Path:
+        """encoder.pt of these weights and settings: what `load_encoder(path)` reads (e.g. a random-init model)."""
+        weights = self.encoder.state_dict()
+        return encoder_artifact({"config": json.dumps(self.cfg.to_dict()), "encoder": weights,
+                                 "target_encoder": weights, "step": 0}, path)
 
     def forward(self, wav):
         return self.embed(wav)

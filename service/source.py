@@ -14,7 +14,6 @@ interface, so no training code asks the question again:
 """
 from __future__ import annotations
 
-import json
 import time
 from functools import partial
 
@@ -30,7 +29,7 @@ from service.corpus import example_segment, is_corpus, load_corpus, rank_dataset
 from service.data import DataSourceError, build_dataset, list_source, measure_stats, put_listing
 from service.ledger import DataLedger
 from service.raydata import quiet_ray_data
-from service.storage import join, read_bytes
+from service.storage import read_bytes
 from service.worker import RunStopped
 
 
@@ -188,18 +187,11 @@ def _first_crop(cfg: Config, wav: np.ndarray) -> np.ndarray:
 
 # --- dataset factories: Ray Train calls them at every worker-group start --------------------------
 def resume_point(cfg: Config) -> dict:
-    """Marker of the run's newest verified checkpoint ({} when none): where a rebuilt stream starts.  The
-    factories of one worker-group start share one look-up (cached while the checkpoint list is unchanged)."""
-    key = (cfg.run_dir, tuple(ckpt.checkpoint_dirs(cfg)))
-    if key not in _RESUME_POINTS:
-        found = ckpt.latest_checkpoint(cfg)
-        _RESUME_POINTS.clear()
-        _RESUME_POINTS[key] = json.loads(read_bytes(join(found, ckpt.MARKER), cfg.storage.s3_endpoint,
-                                                    cfg.storage.s3_region)) if found else {}
-    return _RESUME_POINTS[key]
-
-
-_RESUME_POINTS: dict = {}
+    """Marker of the checkpoint the workers restore ({} when none): where a rebuilt stream starts.  The
+    same look-up as the workers' (`checkpoint.latest`), never Ray's registered checkpoint, which lags
+    behind storage when a worker or the driver died between an upload and its registration."""
+    found = ckpt.latest(cfg)
+    return found[1] if found else {}
 
 
 def _corpus_dataset(cfg: Config, segment_seconds: float, blocks, rank: int, ledger):

@@ -9,10 +9,8 @@ workers.
 """
 from __future__ import annotations
 
-import json
 import os
 import tempfile
-from functools import partial
 from typing import NamedTuple
 
 import ray
@@ -46,7 +44,7 @@ def run_pretraining(cfg: Config, progress=print, parent_run_id: str | None = Non
     """
     source = open_source(cfg)
     progress(f"data: {source.describe()}")
-    newest = _newest_checkpoint(cfg)
+    newest = _newest_checkpoint(cfg, progress)
     cfg, changes = _check_resume(cfg, source, newest, progress)
     run_id = tracking.start_or_resume(cfg, parent_run_id=parent_run_id)
     if changes:
@@ -64,14 +62,15 @@ def run_pretraining(cfg: Config, progress=print, parent_run_id: str | None = Non
     return summary
 
 
-def _newest_checkpoint(cfg: Config) -> Checkpointed | None:
-    """The run's newest verified checkpoint (a resubmission), None when it has none."""
-    found = ckpt.latest_checkpoint(cfg)
+def _newest_checkpoint(cfg: Config, progress) -> Checkpointed | None:
+    """The run's newest checkpoint whose bytes verify (a resubmission): where the dataset factories and the
+    workers will resume; newer damaged ones are noted and passed over.  None when it has none."""
+    found = ckpt.verify_latest(cfg, log=progress)
     if not found:
         return None
-    read = partial(read_bytes, endpoint=cfg.storage.s3_endpoint, region=cfg.storage.s3_region)
-    return Checkpointed(found, config_from_dict(yaml.safe_load(read(join(found, ckpt.CONFIG)))),
-                        json.loads(read(join(found, ckpt.MARKER))))
+    uri, marker = found
+    config = read_bytes(join(uri, ckpt.CONFIG), cfg.storage.s3_endpoint, cfg.storage.s3_region)
+    return Checkpointed(uri, config_from_dict(yaml.safe_load(config)), marker)
 
 
 def _describe(changes: dict) -> str:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import tempfile
 import time
@@ -40,6 +39,10 @@ from service.storage import join, write_bytes
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+class DamagedCheckpoint(RuntimeError):
+    """The resume point's bytes do not verify: a restart (Ray's, or a resubmission) resumes from the one before."""
 
 
 class RunStopped(RuntimeError):
@@ -190,7 +193,7 @@ class WorkerRun:
         run = cls(cfg, ctx.get_world_rank(), ctx.get_world_size(), device)
         run.run_id, run.uri, run.ledger = loop_cfg.get("mlflow_run_id"), loop_cfg.get("tracking_uri"), \
             loop_cfg.get("ledger")
-        run._restore(ray.train.get_checkpoint())
+        run._restore()
         if run.world > 1:  # the model has no running statistics: nothing for DDP to broadcast before a forward
             run.model = ray.train.torch.prepare_model(run.core, parallel_strategy_kwargs={"broadcast_buffers": False})
         if cfg.data.calm_loop:  # this process iterates the rank's stream, so its Ray Data executor runs here
@@ -203,23 +206,21 @@ class WorkerRun:
         return run
 
     # --- set-up ------------------------------------------------------------------------------
-    def _restore(self, restored) -> None:
-        """Continue from Ray's latest checkpoint; if it does not verify, from the newest one that does."""
-        if restored is None:
-            return
-        say = print if self.rank == 0 else (lambda *a, **k: None)
-        try:
-            with restored.as_directory() as d:
-                state = ckpt.load_state(d)
-        except ckpt.CheckpointError as e:
-            name = os.path.basename(restored.path.rstrip("/"))
-            say(f"checkpoint {name} is damaged ({e}); falling back to the previous complete one", flush=True)
-            found = ckpt.load_latest(self.cfg, exclude=(name,), log=say)
+    def _restore(self, uri: str | None = None) -> None:
+        """Continue from the run's resume point (`checkpoint.latest`, which the dataset factories read too),
+        or from `uri`.  A checkpoint whose bytes do not verify is noted DAMAGED and the worker group
+        restarts: its streams are then rebuilt from the previous checkpoint, as the restore is."""
+        if uri is None:
+            found = ckpt.latest(self.cfg)
             if found is None:
-                raise ckpt.CheckpointError(f"run {self.cfg.run_name}: {name} is damaged and no earlier checkpoint "
-                                           "verifies; use a new run_name to start afresh") from e
-            state, uri = found
-            say(f"falling back to {uri}", flush=True)
+                return
+            uri = found[0]
+        try:
+            state = ckpt.load_uri(uri, self.cfg.storage.s3_endpoint, self.cfg.storage.s3_region)
+        except ckpt.CheckpointError as e:
+            ckpt.mark_damaged(self.cfg, uri, str(e))
+            raise DamagedCheckpoint(f"{uri} is damaged ({e}); noted, the next attempt resumes from the previous "
+                                    "checkpoint") from e
         self.step, self.epoch = ckpt.restore(state, self.core, self.opt)
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.data_position = int(state.get("data_position", 0))

@@ -141,11 +141,14 @@ def test_nan_gradients_are_skipped_and_a_damaged_checkpoint_falls_back(clean_cor
     newest = tmp_path / "nan" / "checkpoint_00000004" / ckpt.STATE
     newest.write_bytes(newest.read_bytes()[:-64] + b"\0" * 64)  # same size, marker intact: only the hash tells
     cfg = cfg_for(clean_corpus_dir, tmp_path, "nan", **over)
-    assert ckpt.latest_checkpoint(cfg).endswith("checkpoint_00000002")
-    again = run_pretraining(cfg)
+    assert ckpt.latest_checkpoint(cfg).endswith("checkpoint_00000004")  # by its marker: bytes not read
+    said = []
+    again = run_pretraining(cfg, progress=said.append)  # the driver verifies the resume point's bytes first
+    assert any("checkpoint_00000004 is damaged" in line for line in said), said
     assert again["status"] == "succeeded", again["error"]
     assert again["final_step"] == 4 and resume_steps(tmp_path, "nan") == [2]
     assert ckpt.load_state(again["checkpoint"])["step"] == 4  # rewritten, verifies
+    assert ckpt.latest_checkpoint(cfg).endswith("checkpoint_00000004")  # the note was about the old bytes
 
 
 def test_a_stop_no_restart_can_fix_fails_at_once(clean_corpus_dir, tmp_path, mlflow_server):
@@ -201,7 +204,6 @@ def test_the_worker_restores_a_checkpoint_into_a_model_on_another_device(tmp_pat
     and every preemption of a GPU run ended in retries of that error)."""
     from types import SimpleNamespace
 
-    import ray.train
     import torch
 
     from service.worker import WorkerRun
@@ -218,7 +220,7 @@ def test_the_worker_restores_a_checkpoint_into_a_model_on_another_device(tmp_pat
     on_device = AudioJEPA(cfg).to(device)
     run = SimpleNamespace(cfg=cfg, rank=1, world=2, device=device, core=on_device,
                           opt=build_optimizer(on_device, cfg.optim))
-    WorkerRun._restore(run, ray.train.Checkpoint.from_directory(str(d)))
+    WorkerRun._restore(run, str(d))
     assert (run.step, run.epoch, run.data_position, run.data_digest) == (7, 1, 56, 123)
     assert torch.equal(torch.get_rng_state(), rng)  # the RNG continues where the checkpoint left it
     assert {p.device.type for p in on_device.parameters()} == {"meta"}
@@ -286,3 +288,24 @@ def test_a_damaged_corpus_segment_stops_the_run_at_once_naming_it(clean_corpus_d
     assert summary["status"] == "failed"
     assert summary["error"].startswith("DataSourceError") and "fails its checksum" in summary["error"], summary
     assert shard.name in summary["error"] and f"segment {table[0]['segment']} of {table[0]['key']}" in summary["error"]
+
+
+def test_the_data_and_the_model_resume_from_the_same_checkpoint(clean_corpus_dir, tmp_path):
+    """A checkpoint complete on storage that Ray Train never registered (a worker or the driver died between
+    the upload and the registration): the dataset factories and the workers both resume from it."""
+    import shutil
+    from service.prepare import PrepareOptions, prepare
+    corpus = tmp_path / "corpus"
+    prepare(load_config("tiny", [f"data.source={clean_corpus_dir}"]), str(corpus),
+            PrepareOptions(segment_seconds=1.0, row_group=2, task_files=2))
+    over = {"train.steps": 8, "checkpoint.every_steps": 2, "checkpoint.keep": 10, "failure.max_failures": 0,
+            "data.shuffle_blocks": 2}
+    # the run stops after its checkpoint at step 4 (registered); its twin, the same config, after step 6
+    for name, kill in (("agree", 5), ("twin", 7)):
+        stopped = run_pretraining(cfg_for(corpus, tmp_path, name, **over, **{"failure.inject_kill_at_step": kill}))
+        assert stopped["status"] == "failed"
+    shutil.copytree(tmp_path / "twin" / "checkpoint_00000006", tmp_path / "agree" / "checkpoint_00000006")
+    resumed = run_pretraining(cfg_for(corpus, tmp_path, "agree", **over))
+    assert resumed["status"] == "succeeded", resumed["error"]
+    assert resumed["final_step"] == 8 and resume_steps(tmp_path, "agree") == [6]
+    assert resumed["metrics"]["data_position"] == 8 * 8
