@@ -30,8 +30,11 @@ def main(argv: list[str] | None = None) -> int:
         write_summary(args.summary_json, {"status": "failed", "run_name": cfg.run_name, "error": str(e)})
         die(str(e), 1)
     if summary["status"] == "succeeded" and cfg.mlflow.registered_model and summary.get("mlflow_run_id"):
-        from service.registry import register_run
-        summary["registered_model"] = register_run(cfg, summary["mlflow_run_id"], summary["checkpoint"])
+        from service.registry import register_run, registered_version
+        # a finished run resubmitted reports the version its checkpoint already has: no second copy
+        existing = (registered_version(cfg, summary["mlflow_run_id"], summary["checkpoint"])
+                    if summary.get("finished_before") else None)
+        summary["registered_model"] = existing or register_run(cfg, summary["mlflow_run_id"], summary["checkpoint"])
     write_summary(args.summary_json, summary)
     if summary["status"] != "succeeded":
         print(f"error: pretraining failed: {summary.get('error')}", file=sys.stderr, flush=True)

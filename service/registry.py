@@ -79,6 +79,18 @@ def register_run(cfg: Config, run_id: str, checkpoint_uri: str, name: str | None
     return {"name": name, "version": version, "alias": alias, "uri": f"models:/{name}@{alias}"}
 
 
+def registered_version(cfg: Config, run_id: str, checkpoint_uri: str, name: str | None = None) -> dict | None:
+    """The version of `name` already registered from this run's checkpoint, None when there is none (a
+    resubmitted finished run reports it instead of registering the same weights again)."""
+    uri, name = tracking.tracking_uri(cfg), name or cfg.mlflow.registered_model
+    found = [v for v in tracking.client(uri).search_model_versions(f"name='{name}' and run_id='{run_id}'")
+             if v.tags.get("checkpoint") == checkpoint_uri]
+    if not found:
+        return None
+    v = max(found, key=lambda v: int(v.version))
+    return {"name": name, "version": str(v.version), "alias": None, "uri": f"models:/{name}/{v.version}"}
+
+
 def promote(name: str, version: str, alias: str, tracking_uri: str) -> None:
     c = tracking.client(tracking_uri)
     c.get_model_version(name, version)  # raises a clear error if it does not exist

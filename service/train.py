@@ -89,6 +89,8 @@ def _check_resume(cfg: Config, source, newest: Checkpointed | None, progress) ->
             stats = source.stats(cfg, progress)
         cfg = cfg.with_overrides(stats)
     changes = previous.shaping_changes(cfg) if previous is not None else {}
+    if previous is not None and previous.data.source != cfg.data.source:  # other data under the same run
+        changes["data.source"] = (previous.data.source, cfg.data.source)
     if changes and not cfg.resume.allow_config_change:
         raise ConfigError(f"run '{cfg.run_name}' in {cfg.checkpoint.storage_path} has checkpoints trained with "
                           "another config; it would resume old weights under new settings: " + _describe(changes)
@@ -170,7 +172,7 @@ def _finished_before(cfg: Config, newest: Checkpointed, run_id: str | None, sour
         tracking.close_run(cfg, run_id, status, newest.uri)
     data = source.data_summary({"files": source.listed, "clips": 0, "skipped": {}, "examples": {}})
     return {"status": status, "run_name": cfg.run_name, "mlflow_run_id": run_id, "final_step": step,
-            "checkpoint": newest.uri, "metrics": metrics, "data": data,
+            "checkpoint": newest.uri, "metrics": metrics, "data": data, "finished_before": True,
             "error": f"representation collapse at step {step}" if status == "collapsed" else None}
 
 

@@ -488,6 +488,8 @@ def test_kuberay_manifests():
     sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
     cfg = load_config(argv[argv.index("--config") + 1], sets)
     assert cfg.train.use_gpu and cfg.data.source.startswith("s3://")
+    # the run's identity is a visible choice, not the config's default name (every job would be run "base")
+    assert any(s.startswith("run_name=") for s in sets) and cfg.run_name != load_config("base").run_name
 
 
 def test_every_pod_meets_the_restricted_pod_security_standard():

@@ -202,3 +202,23 @@ def test_evaluate_after_promote_never_reuses_the_old_models_embeddings(trained, 
         assert len(set(cache.glob("*.npy")) - cached) == 1  # the new version's embeddings, random/log-mel reused
     finally:
         promote(NAME, v1, "current", mlflow_server)
+
+
+def test_a_finished_run_resubmitted_registers_no_new_version(trained, mlflow_server, tmp_path):
+    from mlflow import MlflowClient
+
+    from jobs.pretrain import main
+    cfg, summary = trained
+    before = MlflowClient(mlflow_server).search_model_versions(f"name='{NAME}'")
+    sets = [a for k, v in cfg.flat().items() if k in ("data.source", "checkpoint.storage_path", "run_name",
+                                                       "train.workers", "train.steps", "checkpoint.every_steps",
+                                                       "mlflow.tracking_uri", "mlflow.registered_model",
+                                                       "mlflow.experiment")
+            for a in ("--set", f"{k}={v}")]
+    out = tmp_path / "again.json"
+    assert main(["--config", "tiny", *[a for s in SMALL for a in ("--set", s)], *sets,
+                 "--summary-json", str(out)]) == 0
+    again = json.loads(out.read_text())
+    assert again["finished_before"] and again["registered_model"]["version"] == summary["registered_model"]["version"]
+    after = MlflowClient(mlflow_server).search_model_versions(f"name='{NAME}'")
+    assert len(after) == len(before)

@@ -190,6 +190,9 @@ def test_resubmitting_with_a_changed_config_is_refused_unless_allowed(clean_corp
                                                                                "optim.lr": 0.002}))
     assert "masking.ratio: [0.6, 0.8] -> 0.7" in str(e.value) and "optim.lr: 0.001 -> 0.002" in str(e.value)
     assert "resume.allow_config_change" in str(e.value)
+    other = clean_corpus_dir / "a"  # the same run name over other data: old weights, new data
+    with pytest.raises(ConfigError, match=f"data.source: '{clean_corpus_dir}' -> '{other}'"):
+        run_pretraining(cfg_for(other, tmp_path, "cfg", **over))
     allowed = run_pretraining(cfg_for(clean_corpus_dir, tmp_path, "cfg", **over, **{
         "masking.ratio": 0.7, "resume.allow_config_change": "true", "mlflow.tracking_uri": mlflow_server}))
     assert allowed["status"] == "succeeded", allowed["error"]
