@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from service.config import DataConfig
 
@@ -48,6 +49,13 @@ class DataLedger:
                 examples[reason].append(key)
         return {"files": self.listed, "files_seen": self.seen, "clips": self.clips,
                 "skipped": dict(self.skipped), "examples": examples}
+
+
+def new_ledger(listed: int, too_large: list[str]):
+    """The run's ledger, placed on the driver's node: a lost worker node cannot take the counts with it (the
+    driver's own node going down ends the run anyway)."""
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    return DataLedger.options(scheduling_strategy=here).remote(listed, too_large)
 
 
 def check_skips(totals: dict, data: DataConfig, min_seen: int = 20) -> str | None:

@@ -27,7 +27,7 @@ from service.audio import Skip, crop_rng, crops, decode
 from service.config import Config, ConfigError
 from service.corpus import example_segment, is_corpus, load_corpus, rank_dataset
 from service.data import DataSourceError, build_dataset, list_source, measure_stats, put_listing
-from service.ledger import DataLedger
+from service.ledger import new_ledger
 from service.raydata import quiet_ray_data
 from service.storage import read_bytes
 from service.worker import RunStopped
@@ -112,7 +112,7 @@ class RawSource:
         return stats
 
     def new_ledger(self):
-        return DataLedger.remote(self.listed, [f.uri for f in self.listing.too_large])
+        return new_ledger(self.listed, [f.uri for f in self.listing.too_large])
 
     def datasets(self, cfg: Config, ledger) -> tuple[dict, ray.train.DataConfig]:
         return {"train": partial(_raw_dataset, cfg, put_listing(self.listing), ledger)}, ray.train.DataConfig()
@@ -159,7 +159,7 @@ class CorpusSource:
         return stats
 
     def new_ledger(self):
-        return DataLedger.remote(self.listed, [])
+        return new_ledger(self.listed, [])
 
     def datasets(self, cfg: Config, ledger) -> tuple[dict, ray.train.DataConfig]:
         blocks = ray.put(self.corpus["blocks"])

@@ -136,6 +136,11 @@ def record_config_change(cfg: Config, run_id: str | None, changes: dict) -> None
               json.dumps({k: list(v) for k, v in changes.items()}, default=str)[:4900])
 
 
+def is_closed(cfg: Config, run_id: str) -> bool:
+    """Whether the run has ended (FINISHED, FAILED or KILLED)."""
+    return client(tracking_uri(cfg)).get_run(run_id).info.status != "RUNNING"
+
+
 def close_run(cfg: Config, run_id: str, status: str, checkpoint: str | None = None, data: dict | None = None,
               files: tuple[str, ...] = ()) -> None:
     """The end of every pretraining run, whoever ends it: tags, run artifacts (+ `files`), terminated."""

@@ -47,19 +47,34 @@ def run_pretraining(cfg: Config, progress=print, parent_run_id: str | None = Non
     newest = _newest_checkpoint(cfg, progress)
     cfg, changes = _check_resume(cfg, source, newest, progress)
     run_id = tracking.start_or_resume(cfg, parent_run_id=parent_run_id)
-    if changes:
-        progress("resuming with a changed config (resume.allow_config_change): " + _describe(changes))
-        tracking.record_config_change(cfg, run_id, changes)
-    if newest and newest.marker["step"] >= cfg.train.steps:
-        return _finished_before(cfg, newest, run_id, source, progress)
-    ledger = source.new_ledger()
-    result, error = _fit(cfg, source, ledger, run_id, callbacks)
-    totals = ray.get(ledger.totals.remote())
-    summary = _summarise(cfg, source, run_id, result, error, totals)
-    if totals["skipped"]:
-        progress(skip_summary(totals))
-    _close(cfg, source, ledger, run_id, summary)
-    return summary
+    try:
+        if changes:
+            progress("resuming with a changed config (resume.allow_config_change): " + _describe(changes))
+            tracking.record_config_change(cfg, run_id, changes)
+        if newest and newest.marker["step"] >= cfg.train.steps:
+            return _finished_before(cfg, newest, run_id, source, progress)
+        ledger = source.new_ledger()
+        result, error = _fit(cfg, source, ledger, run_id, callbacks)
+        totals = _totals(ledger, source, progress)
+        summary = _summarise(cfg, source, run_id, result, error, totals)
+        if totals["skipped"]:
+            progress(skip_summary(totals))
+        _close(cfg, source, ledger, run_id, summary)
+        return summary
+    except BaseException:  # every way out closes the MLflow run with its true status, an error's included
+        if run_id and not tracking.is_closed(cfg, run_id):
+            tracking.close_run(cfg, run_id, "failed")
+        raise
+
+
+def _totals(ledger, source, progress) -> dict:
+    """The skip ledger's counts; when the ledger is gone with its node, what the source listed, said so."""
+    try:
+        return ray.get(ledger.totals.remote())
+    except ray.exceptions.RayError as e:
+        progress(f"data: the skip ledger was lost ({type(e).__name__}); file and skip counts are unavailable")
+        return {"files": source.listed, "files_seen": 0, "clips": 0, "skipped": {}, "examples": {},
+                "ledger_lost": True}
 
 
 def _newest_checkpoint(cfg: Config, progress) -> Checkpointed | None:

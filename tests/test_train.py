@@ -312,3 +312,22 @@ def test_the_data_and_the_model_resume_from_the_same_checkpoint(clean_corpus_dir
     assert resumed["status"] == "succeeded", resumed["error"]
     assert resumed["final_step"] == 8 and resume_steps(tmp_path, "agree") == [6]
     assert resumed["metrics"]["data_position"] == 8 * 8
+
+
+def test_every_way_out_closes_the_mlflow_run_with_its_status(clean_corpus_dir, tmp_path, mlflow_server, monkeypatch):
+    """An error escaping the driver (here: while fitting) still ends the MLflow run, FAILED, not RUNNING."""
+    from mlflow import MlflowClient
+
+    import service.train
+
+    def broken_fit(*args, **kwargs):
+        raise RuntimeError("the driver lost its node")
+    monkeypatch.setattr(service.train, "_fit", broken_fit)
+    cfg = cfg_for(clean_corpus_dir, tmp_path, "escape", **{"train.steps": 2, "mlflow.tracking_uri": mlflow_server,
+                                                             "mlflow.experiment": "escape"})
+    with pytest.raises(RuntimeError, match="lost its node"):
+        run_pretraining(cfg)
+    c = MlflowClient(mlflow_server)
+    runs = c.search_runs([c.get_experiment_by_name("escape").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FAILED"
+    assert runs[0].data.tags["audio_jepa.status"] == "failed"
