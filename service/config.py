@@ -155,6 +155,10 @@ class MaskingConfig:
     stripe_width: list[int] = field(default_factory=lambda: [1, 3])          # time/freq: patches per stripe
     min_keep: int = 4                        # never fewer context patches than this
     per_clip: int = 1                        # masks drawn per clip, sharing one target-encoder pass (EAT)
+    context_mix: float = 0.0                 # context-only corruption (M2D-X): a batch-mate's power spectrum mixed
+    #                                          into the context view at a weight drawn from U[0, context_mix]
+    context_warp: float = 0.0                # ... and its mel axis stretched by a factor in [1 - w, 1 + w];
+    #                                          the targets stay clean; 0 = off
 
     def ratio_range(self) -> tuple[float, float]:
         r = self.ratio
@@ -168,6 +172,8 @@ class MaskingConfig:
         _check(isinstance(r, float) or len(r) == 2, "masking.ratio", r, "a number or [low, high]")
         lo, hi = self.ratio_range()
         _check(0 < lo <= hi < 1, "masking.ratio", r, "0 < low <= high < 1")
+        _check(0 <= self.context_mix < 1, "masking.context_mix", self.context_mix, "in [0, 1)")
+        _check(0 <= self.context_warp < 0.5, "masking.context_warp", self.context_warp, "in [0, 0.5)")
         for key in ("block_scale", "block_aspect", "context_scale", "stripe_width"):
             v = getattr(self, key)
             _check(len(v) == 2 and 0 < v[0] <= v[1], f"masking.{key}", v, "[low, high] with 0 < low <= high")
@@ -216,6 +222,11 @@ class LossConfig:
     cov_weight: float = 0.0         # each channel's std at 1; covariance term: squared off-diagonal covariance / D
     vc_over: str = "tokens"         # the samples of those statistics: tokens (every context token of the batch)
     #                                 | clips (each clip's mean context token)
+    sigreg_weight: float = 0.0      # SIGReg (LeJEPA): Epps-Pulley test that random 1-D projections of the context
+    sigreg_over: str = "tokens"     # encoder's tokens (or each clip's mean token: clips) are N(0, 1); 0 = off
+    sigreg_slices: int = 256        # random directions per step (drawn from torch's RNG: checkpointed)
+    clip_weight: float = 0.0        # clip-level term (EAT): a linear head on the context's mean token predicts
+    #                                 the mean of the clip's targets; 0 = off
 
     def validate(self) -> None:
         _check(self.kind in ("l2", "smooth_l1", "cosine"), "loss.kind", self.kind, "l2, smooth_l1 or cosine")
@@ -223,8 +234,10 @@ class LossConfig:
                self.target_norm, "none, layernorm or instancenorm")
         _check(self.target_layers >= 1, "loss.target_layers", self.target_layers, ">= 1 (and at most model.depth)")
         _check(self.vc_over in ("tokens", "clips"), "loss.vc_over", self.vc_over, "tokens or clips")
+        _check(self.sigreg_over in ("tokens", "clips"), "loss.sigreg_over", self.sigreg_over, "tokens or clips")
+        _check(self.sigreg_slices >= 1, "loss.sigreg_slices", self.sigreg_slices, ">= 1")
         _check(self.target_view in ("full", "masked"), "loss.target_view", self.target_view, "full or masked")
-        for key in ("var_weight", "cov_weight"):
+        for key in ("var_weight", "cov_weight", "sigreg_weight", "clip_weight"):
             _check(getattr(self, key) >= 0, f"loss.{key}", getattr(self, key), ">= 0")
 
 

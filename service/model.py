@@ -118,8 +118,10 @@ class Encoder(nn.Module):
 class Predictor(nn.Module):
     """Narrow transformer: context tokens + one mask token per target position -> target latents."""
 
-    def __init__(self, grid: tuple[int, int], cfg: ModelConfig):
+    def __init__(self, grid: tuple[int, int], cfg: ModelConfig, clip_head: bool = False):
         super().__init__()
+        # loss.clip_weight: the context's mean token -> the clip's mean target (kept here, so checkpoints carry it)
+        self.clip_head = nn.Linear(cfg.width, cfg.width) if clip_head else None
         self.embed = nn.Linear(cfg.width, cfg.pred_width)
         self.mask_token = nn.Parameter(torch.zeros(cfg.pred_width))
         self.register_buffer("pos", sincos_2d(cfg.pred_width, grid), persistent=False)
@@ -165,6 +167,23 @@ def jepa_loss(pred: torch.Tensor, target: torch.Tensor, cfg: LossConfig) -> torc
         return (2 - 2 * F.cosine_similarity(pred, target, dim=-1)).mean()
 
 
+def sigreg(z: torch.Tensor, slices: int, knots: int = 17, t_max: float = 3.0) -> torch.Tensor:
+    """SIGReg (LeJEPA, Balestriero & LeCun 2025): the Epps-Pulley statistic of `slices` random unit projections
+    of z [.., D] against N(0, 1), averaged: n * integral over t of |phi_n(t) - exp(-t^2/2)|^2 exp(-t^2/2), with
+    phi_n the projections' empirical characteristic function (trapezoid rule on [-t_max, t_max], symmetric).
+    0 for isotropic standard Gaussian embeddings; large for collapsed or low-rank ones.  Directions come from
+    torch's RNG, which checkpoints carry, so a resumed run draws the same ones."""
+    with fp32(z):
+        z = z.float().reshape(-1, z.shape[-1])
+        directions = torch.randn(z.shape[-1], slices, device=z.device)
+        x = z @ (directions / directions.norm(dim=0, keepdim=True))  # [n, slices]
+        t = torch.linspace(0, t_max, knots, device=z.device)
+        gauss = torch.exp(-t.pow(2) / 2)
+        tx = x.unsqueeze(-1) * t  # [n, slices, knots]
+        err = (torch.cos(tx).mean(0) - gauss).pow(2) + torch.sin(tx).mean(0).pow(2)
+        return (z.shape[0] * 2 * torch.trapezoid(err * gauss, t, dim=-1)).mean()
+
+
 def variance_covariance(z: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
     """VICReg's anti-collapse terms over tokens [.., D]: every channel keeps a std of 1 and channels decorrelate."""
     with fp32(z):
@@ -185,7 +204,7 @@ class AudioJEPA(nn.Module):
         grid, patch_dim = fc.grid, fc.patch_freq * fc.patch_time
         self.loss_cfg = cfg.loss
         self.encoder = Encoder(patch_dim, grid, cfg.model)
-        self.predictor = Predictor(grid, cfg.model)
+        self.predictor = Predictor(grid, cfg.model, clip_head=cfg.loss.clip_weight > 0)
         self.target_encoder = copy.deepcopy(self.encoder)
         self.target_encoder.requires_grad_(False)
 
@@ -205,30 +224,44 @@ class AudioJEPA(nn.Module):
                 t = F.layer_norm(t, t.shape[-1:]) if c.target_norm == "layernorm" else t
         return t, h
 
-    def forward(self, patches: torch.Tensor, ctx: torch.Tensor, tgt: torch.Tensor):
+    def forward(self, patches: torch.Tensor, ctx: torch.Tensor, tgt: torch.Tensor,
+                context_patches: torch.Tensor | None = None):
         """Returns (loss, target-encoder tokens for collapse monitors ([B, N, D]; with `target_view: masked` only the
-        target patches', [k*B, Nt, D]), the loss's parts: jepa_loss and vc_loss, detached, when the
-        variance/covariance terms are on, else {}).
+        target patches', [k*B, Nt, D]), the loss's parts, detached, when any term beside the JEPA loss is on:
+        jepa_loss and vc_loss / sigreg_loss / clip_loss, else {}).
+
+        `context_patches` (same shape as `patches`): what the context encoder sees instead of the clean patches
+        (context-only corruption, M2D-X); the targets always come from the clean ones.
 
         `ctx`/`tgt` may hold k masks per clip ([k*B, …], clip-major): the target encoder runs once per clip
         and the context encoder + predictor once per mask (EAT's multi-mask). With `loss.target_view: masked`
         the target encoder sees only each mask's target patches (M2D), so it runs once per mask."""
-        k = ctx.shape[0] // patches.shape[0]
-        if self.loss_cfg.target_view == "masked":
+        c, k = self.loss_cfg, ctx.shape[0] // patches.shape[0]
+        seen = patches if context_patches is None else context_patches
+        if k > 1:
+            seen = seen.repeat_interleave(k, 0)
+        if c.target_view == "masked":
             patches = patches.repeat_interleave(k, 0) if k > 1 else patches
             t, h = self.targets(patches, tgt)
         else:
             t, h = self.targets(patches)
-            if k > 1:
-                patches, t = patches.repeat_interleave(k, 0), t.repeat_interleave(k, 0)
-            t = gather_tokens(t, tgt)
-        z = self.encoder(patches, ctx)
+            t = gather_tokens(t.repeat_interleave(k, 0) if k > 1 else t, tgt)
+        z = self.encoder(seen, ctx)
         pred = self.predictor(z, ctx, tgt)
-        loss = jepa_loss(pred, t, self.loss_cfg)
-        if not (self.loss_cfg.var_weight or self.loss_cfg.cov_weight):
+        loss = jepa_loss(pred, t, c)
+        extra = {}
+        if c.var_weight or c.cov_weight:
+            extra["vc_loss"] = variance_covariance(z.mean(1) if c.vc_over == "clips" else z, c)
+        if c.sigreg_weight:
+            extra["sigreg_loss"] = c.sigreg_weight * sigreg(z.mean(1) if c.sigreg_over == "clips" else z,
+                                                            c.sigreg_slices)
+        if c.clip_weight:
+            clip = self.predictor.clip_head(z.mean(1))
+            extra["clip_loss"] = c.clip_weight * jepa_loss(clip.unsqueeze(1), t.mean(1, keepdim=True), c)
+        if not extra:
             return loss, h.detach(), {}
-        vc = variance_covariance(z.mean(1) if self.loss_cfg.vc_over == "clips" else z, self.loss_cfg)
-        return loss + vc, h.detach(), {"jepa_loss": loss.detach(), "vc_loss": vc.detach()}
+        parts = {"jepa_loss": loss.detach(), **{name: v.detach() for name, v in extra.items()}}
+        return loss + sum(extra.values()), h.detach(), parts
 
     @torch.no_grad()
     def ema_update(self, tau: float) -> None:

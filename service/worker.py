@@ -25,6 +25,7 @@ import torch.distributed as dist
 from service import checkpoint as ckpt
 from service import faults, tracking
 from service.config import Config, config_from_dict
+from service.augment import corrupt_context, corrupts
 from service.data import DataSourceError
 from service.encoder import AudioEncoder
 from service.features import LogMel, patchify
@@ -262,13 +263,18 @@ class WorkerRun:
     def forward(self, batch: dict) -> Forward:
         """Features, patches and this step's masks (drawn from seed, step, rank), then the JEPA loss."""
         cfg = self.cfg
+        fc = cfg.features
         with torch.no_grad():
             spec = self.frontend(batch["x"]) if self.frontend is not None else batch["x"]
-            patches = patchify(spec, cfg.features.patch_freq, cfg.features.patch_time)
+            patches = patchify(spec, fc.patch_freq, fc.patch_time)
+            seen = None  # the context view: the clean patches unless masking.context_mix / context_warp
+            if corrupts(cfg.masking):
+                view = corrupt_context(spec, cfg.masking, fc, np.random.default_rng([cfg.seed, self.step, self.rank, 0xC0]))
+                seen = patchify(view, fc.patch_freq, fc.patch_time)
         m = self.masks(self.per_worker * cfg.masking.per_clip, np.random.default_rng([cfg.seed, self.step, self.rank]))
         self.sched = apply_schedules(self.opt, self.step, cfg)
         with self.autocast:
-            loss, h, parts = self.model(patches, m.context.to(self.device), m.target.to(self.device))
+            loss, h, parts = self.model(patches, m.context.to(self.device), m.target.to(self.device), seen)
         return Forward(loss, h, parts, patches, m)
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -330,9 +336,8 @@ class WorkerRun:
                    **self.meter.metrics(), **self.sched, "tau": tau_at(self.step, self.total, c.ema),
                    "epoch": self.epoch, "step": self.step, "skipped_steps": self.skipped_steps,
                    "data_position": self.data_position, **collapse_stats(h)}
-        for k in ("loss", "jepa_loss", "vc_loss"):
-            if k in metrics:
-                metrics[k] = agree(metrics[k], "mean", self.device)
+        for k in [k for k in metrics if k == "loss" or k.endswith("_loss")]:  # the loss and its parts
+            metrics[k] = agree(metrics[k], "mean", self.device)
         # one number for "which clips, in which order, on which rank": equal runs, equal digest
         metrics["data_digest"] = agree(self.data_digest * (self.rank + 1), "sum", self.device)
         self.meter = StepMeter()

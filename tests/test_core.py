@@ -524,3 +524,69 @@ def test_gpu_check_runs_on_the_cpu_at_toy_size(tmp_path):
         keys[compiled] = {part: list(v) for part, v in ckpt.load_state(tmp_path / f"c{compiled}").items()
                           if isinstance(v, dict)}
     assert keys[True] == keys[False]
+
+
+# --- keeping the rank: SIGReg, clip-level term, context-only corruption ----------------------------
+def test_sigreg_is_small_for_gaussian_embeddings_and_large_for_collapsed_ones():
+    from service.model import sigreg
+    torch.manual_seed(0)
+    gaussian = sigreg(torch.randn(2048, 64), slices=128)
+    low_rank = sigreg(torch.randn(2048, 2) @ torch.randn(2, 64), slices=128)
+    shifted = sigreg(torch.randn(2048, 64) * 0.1 + 1.0, slices=128)  # a small, off-centre cloud
+    assert gaussian < 1.0 < min(low_rank, shifted), (gaussian, low_rank, shifted)
+    z = torch.randn(256, 32, requires_grad=True)
+    sigreg(z * 0.1, slices=16).backward()
+    assert torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
+    torch.manual_seed(1)
+    a = sigreg(z.detach(), 16)
+    torch.manual_seed(1)
+    assert torch.equal(a, sigreg(z.detach(), 16))  # directions from torch's RNG: reproducible from a checkpoint
+
+
+def test_sigreg_and_clip_terms_join_the_loss_and_train():
+    cfg = small_cfg(**{"loss.sigreg_weight": 0.05, "loss.clip_weight": 1.0})
+    torch.manual_seed(0)
+    model = AudioJEPA(cfg)
+    assert model.predictor.clip_head is not None and AudioJEPA(small_cfg()).predictor.clip_head is None
+    p = batch(cfg)
+    m = MaskGenerator(cfg.masking, cfg.features.grid)(p.shape[0], np.random.default_rng(0))
+    loss, _, parts = model(p, m.context, m.target)
+    assert set(parts) == {"jepa_loss", "sigreg_loss", "clip_loss"}
+    assert torch.allclose(loss, sum(parts.values()), atol=1e-5)
+    loss.backward()
+    assert model.predictor.clip_head.weight.grad.abs().sum() > 0
+    with pytest.raises(ConfigError, match="loss.sigreg_over"):
+        small_cfg(**{"loss.sigreg_over": "frames"})
+    with pytest.raises(ConfigError, match="loss.clip_weight"):
+        small_cfg(**{"loss.clip_weight": -1})
+
+
+def test_context_corruption_changes_only_what_the_context_encoder_sees():
+    from service.augment import corrupt_context, corrupts
+    cfg = small_cfg(**{"masking.context_mix": 0.3, "masking.context_warp": 0.05})
+    assert corrupts(cfg.masking) and not corrupts(small_cfg().masking)
+    fc = cfg.features
+    spec = LogMel(fc)(torch.randn(4, fc.clip_samples, generator=torch.Generator().manual_seed(0)) * 0.1)
+    view = corrupt_context(spec, cfg.masking, fc, np.random.default_rng(5))
+    assert view.shape == spec.shape and torch.isfinite(view).all() and not torch.allclose(view, spec)
+    assert torch.equal(view, corrupt_context(spec, cfg.masking, fc, np.random.default_rng(5)))  # seeded
+    off = small_cfg(**{"masking.context_mix": 0.0, "masking.context_warp": 0.0}).masking
+    assert torch.allclose(corrupt_context(spec, off, fc, np.random.default_rng(5)), spec)
+    # mixing is on power: a clip mixed with itself is itself
+    same = spec[:1].repeat(2, 1, 1)
+    mixed_only = small_cfg(**{"masking.context_mix": 0.5}).masking
+    assert torch.allclose(corrupt_context(same, mixed_only, fc, np.random.default_rng(0)), same, atol=1e-4)
+    # the targets come from the clean clip; the context encoder's input is the corrupted one
+    torch.manual_seed(0)
+    model = AudioJEPA(cfg)
+    clean = patchify(spec, fc.patch_freq, fc.patch_time)
+    seen = patchify(view, fc.patch_freq, fc.patch_time)
+    m = MaskGenerator(cfg.masking, fc.grid)(4, np.random.default_rng(0))
+    inputs = []
+    model.encoder.register_forward_hook(lambda mod, args, out: inputs.append(args[0]))
+    _, h_clean, _ = model(clean, m.context, m.target)
+    _, h_seen, _ = model(clean, m.context, m.target, seen)
+    assert torch.equal(h_clean, h_seen)  # the target encoder saw the clean patches both times
+    assert torch.equal(inputs[0], clean) and torch.equal(inputs[1], seen)
+    with pytest.raises(ConfigError, match="masking.context_mix"):
+        small_cfg(**{"masking.context_mix": 1.5})
