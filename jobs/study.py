@@ -42,6 +42,7 @@ def run_one(cfg, tasks: list[str], cache_dir: str, progress=print,
     out = {}
     for variant, readout in {None: None, **(readouts or {})}.items():
         res = evaluate(summary["checkpoint"], tasks, cache_dir=cache_dir, log_to_mlflow=False, progress=progress,
+                       controls=True,
                        readout={k.split(".", 1)[1]: v for k, v in readout.items()} if readout else None)
         out[variant] = [{"task": r["task"], "model": r["model"], "probe": r["probe"], "accuracy": r["accuracy"],
                          "steps": cfg.train.steps, "seed": cfg.seed,
@@ -81,6 +82,17 @@ def table(rows: list[dict], probe: str = "linear", variant_key: str = "variant")
                     by_seed.setdefault(r["seed"], []).append(r["accuracy"] * (1 if r["model"] == "jepa" else -1))
             n_tasks = len({r["task"] for r in sel})
             means[(variant, steps)] = mean_se([sum(v) / n_tasks for v in by_seed.values()])
+    controls = [m for m in ("blend", "projection") if any(r["model"] == m for r in rows)]
+    if controls:  # the study's controls: is the gain more than blending with the init, or than no network?
+        lines += ["", "| variant | task | steps | " + " | ".join(f"JEPA − {m}" for m in controls) + " |",
+                  "| --- | --- | --- | " + " | ".join("---" for _ in controls) + " |"]
+        for variant, task, steps in keys:
+            sel = [r for r in rows if r.get(variant_key, "recipe") == variant and r["task"] == task
+                   and r["steps"] == steps and r["probe"] == probe]
+            acc = {m: {r["seed"]: r["accuracy"] for r in sel if r["model"] == m} for m in ("jepa", *controls)}
+            cells = [fmt(*mean_se([acc["jepa"][s] - acc[m][s] for s in sorted(acc[m]) if s in acc["jepa"]]))
+                     if acc[m] else "–" for m in controls]
+            lines.append(f"| {variant} | {task} | {steps} | " + " | ".join(cells) + " |")
     lines.append("")
     lines.append("| variant | steps | mean over tasks of JEPA − random |")
     lines.append("| --- | --- | --- |")

@@ -12,7 +12,8 @@ import numpy as np
 
 from service import tracking
 from service.config import load_config
-from service.encoder import load_encoder, random_encoder
+from service.controls import blend_encoder, projection_encoder
+from service.encoder import checkpoint_state, load_encoder, random_encoder
 from service.features import FEATURES_VERSION, logmel_stats
 from service.probe import (cached, encoder_features, load_audio, load_task, logmel_features, markdown_table,
                            run_probes)
@@ -20,10 +21,12 @@ from service.probe import (cached, encoder_features, load_audio, load_task, logm
 
 def evaluate(model_uri: str, tasks: list[str], config: str | None = None, overrides: list[str] | None = None,
              cache_dir: str | None = None, pooling: str | None = None, endpoint: str | None = None,
-             log_to_mlflow: bool = True, progress=print, readout: dict | None = None) -> dict:
+             log_to_mlflow: bool = True, progress=print, readout: dict | None = None, controls: bool = False) -> dict:
     """Probe `model_uri` (or only `random` init of `config`) on each task's test split; returns the summary.
 
     `readout` ({"frames": …, "pooling": …}) reads every model out another way than its config says.
+    `controls` adds the study's controls (`service.controls`): `projection` (no network) always, `blend`
+    (online encoder and init mixed at the EMA's init weight) when `model_uri` is a checkpoint directory.
     """
     if model_uri == "random":
         if not config:
@@ -54,6 +57,11 @@ def evaluate(model_uri: str, tasks: list[str], config: str | None = None, overri
         if models is None:
             rnd = random_encoder(cfg, seed=cfg.seed)
             models = {"jepa": encoder, "random": rnd} if encoder is not None else {"random": rnd}
+            if controls:
+                models["projection"] = projection_encoder(cfg, seed=cfg.seed)
+                if encoder is not None and model_uri != "random" and not model_uri.startswith("models:/"):
+                    models["blend"] = blend_encoder(checkpoint_state(model_uri, endpoint))
+                    models["blend"].cfg = cfg
             # caches key on what was read: the resolved version and the weights' sha256, never the URI string
             ids = {name: f"{enc.resolved}#{enc.digest()}" for name, enc in models.items()}
         progress(f"task {task.name}: {len(wavs)} clips ({len(task.skipped)} skipped), "

@@ -165,3 +165,41 @@ def test_dev_tasks_splits_share_no_source_group():
     assert sum(len(v) for v in by_split.values()) == len({f for f, _, _ in rows}) == len(rows)
     for lang in ("de", "fr", "ru"):  # every class in every split
         assert all(any(f.startswith(lang) for f in by_split[s]) for s in by_split)
+
+
+def test_study_controls_blend_and_projection(tmp_path):
+    """The EMA blend mixes the online encoder with the very init the run started from, at the product of the
+    taus; the projection baseline reads a fixed random map of the patches out like an encoder's tokens."""
+    import math
+
+    import torch
+
+    from service import checkpoint as ckpt
+    from service.config import load_config
+    from service.controls import blend_encoder, init_weight, projection_encoder
+    from service.encoder import random_encoder
+    from service.model import AudioJEPA
+    from service.optim import build_optimizer, tau_at
+    cfg = load_config("tiny", ["model.width=32", "model.depth=1", "model.heads=2", "model.pred_width=32",
+                               "model.pred_depth=1", "model.pred_heads=2", "features.mean=-5.0", "features.std=5.0",
+                               "train.steps=50", "ema.tau_start=0.9", "ema.tau_end=1.0"])
+    torch.manual_seed(cfg.seed)
+    model = AudioJEPA(cfg)  # how a run initialises
+    init = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+    assert all(torch.equal(init[k], v) for k, v in random_encoder(cfg, cfg.seed).encoder.state_dict().items())
+    with torch.no_grad():
+        for p in model.encoder.parameters():
+            p.add_(1.0)  # "trained" online weights
+    d = ckpt.save(tmp_path / "c", cfg, model, build_optimizer(model, cfg.optim), 20, 0)
+    p = init_weight(cfg, 20)
+    assert p == pytest.approx(math.prod(tau_at(s, 50, cfg.ema) for s in range(1, 21)))
+    blend = blend_encoder(ckpt.load_state(d), device="cpu")
+    for k, v in blend.encoder.state_dict().items():
+        if v.is_floating_point():
+            assert torch.allclose(v, p * init[k] + (1 - p) * (init[k] + 1.0), atol=1e-6), k
+    proj = projection_encoder(cfg, seed=0, device="cpu")
+    wav = torch.randn(2, cfg.features.clip_samples) * 0.1
+    out = proj.embed(wav)
+    assert out.shape == (2, proj.embedding_dim) and torch.isfinite(out).all()
+    assert torch.equal(out, projection_encoder(cfg, seed=0, device="cpu").embed(wav))  # fixed, seeded
+    assert proj.digest() != projection_encoder(cfg, seed=1, device="cpu").digest()

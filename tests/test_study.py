@@ -35,13 +35,15 @@ def test_quality_study_pairs_each_run_with_its_random_init(clean_corpus_dir, tmp
     assert [x for x in rows if x["seed"] == 0] == first
     runs = {(x["variant"], x["seed"]) for x in rows}
     assert runs == {("recipe", 0), ("recipe", 1), ("readout", 0)}  # readout: the same run read out the old way
-    for variant, seed in runs:  # every run: jepa, its random init and log-mel, linear and kNN, on test
-        got = {(x["model"], x["probe"]) for x in rows if (x["variant"], x["seed"]) == (variant, seed)}
-        assert got == {(m, p) for m in ("jepa", "random", "logmel") for p in ("linear", "knn")}
+    for variant, seed in runs:  # every run: jepa, its random init, log-mel and the controls (EMA blend, no
+        got = {(x["model"], x["probe"]) for x in rows if (x["variant"], x["seed"]) == (variant, seed)}  # network)
+        models = ("jepa", "random", "logmel", "blend", "projection")
+        assert got == {(m, p) for m in models for p in ("linear", "knn")}
     # the looping recipe never trains on constant padding (the toy corpus has a 0.8 s file)
     assert {x["target_silence_fraction"] for x in rows} == {0.0}
     md = (tmp_path / "q" / "quality.md").read_text()
     assert "| recipe | bands | 3 | 2 |" in md and "JEPA − random" in md and "± " in md
+    assert "JEPA − blend | JEPA − projection" in md
     assert (tmp_path / "q" / "quality.png").stat().st_size > 1000
     # an interrupted study's saved runs are never mixed with runs of other settings
     out.with_suffix(".partial.json").write_text(json.dumps({"study": res["study"], "rows": rows[:1]}))
