@@ -17,6 +17,10 @@
         the one prepared GPU check (jobs/benchmark_gpu.py): matmul rate, the worker's train step eager and
         compiled (clips/s, MFU), log-mel on the device, a checkpoint restored on the device, NCCL bus
         bandwidth; on a CPU the same measurements in fp32 and CPU bf16.
+    python -m jobs.benchmark embed [--model-uri URI] [--source DIR_OR_S3] [--seconds S] [--json PATH]
+        the embed job (jobs/embed.py) against a naive single-process `load_encoder(uri).embed` loop over the
+        same files: clips/s and hours of audio per hour, per CPU (default: the demo corpus, a random-init
+        model of --config).
     python -m jobs.benchmark quality [--config tiny] [--steps 200,400] [--seeds 3] [--ablate all] [--json PATH]
         pretraining vs the same-seed random init (same readout, same probes) on the dev tasks' test
         splits, beside log-mel: mean ± standard error over seeds, a Markdown table and a plot
@@ -325,6 +329,11 @@ def bench_features(args) -> None:
                ("speed-up", f"{ours / base:.2f}x")], args.json)
 
 
+def bench_embed(args) -> None:
+    from jobs.embed import bench_embed as run
+    run(args)
+
+
 def bench_gpu(args) -> None:
     from jobs.benchmark_gpu import bench_gpu as run
     run(args, emit)
@@ -420,7 +429,8 @@ def bench_quality(args) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.benchmark", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["model", "data", "train", "features", "gpu", "quality"])
+    p.add_argument("what", choices=["model", "data", "train", "features", "gpu", "embed", "quality"])
+    p.add_argument("--model-uri", help="embed: the model (default: a random-init model of --config)")
     p.add_argument("--config", default="tiny")
     p.add_argument("--set", dest="overrides", action="append", default=[])
     p.add_argument("--source", help="data for `data` and `train`")
@@ -443,7 +453,7 @@ def main(argv=None) -> int:
     if args.what != "quality":
         args.steps = int(args.steps or 20)
     {"model": bench_model, "data": bench_data, "train": bench_train, "features": bench_features,
-     "gpu": bench_gpu, "quality": bench_quality}[args.what](args)
+     "gpu": bench_gpu, "embed": bench_embed, "quality": bench_quality}[args.what](args)
     return 0
 
 

@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import re
+import tempfile
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -67,20 +68,22 @@ class EmbedError(RuntimeError):
 class EmbedOptions:
     """How the job runs: frame embeddings too; parts of at most files_per_part files / part_mb source MB;
     `actors` (0: one per CPU, or per GPU); `precision` (auto: bf16 autocast on CUDA, fp32 elsewhere);
-    `batch_chunks`: model clips (of the training length) per forward pass."""
+    `batch_chunks`: model clips (of the training length) per forward pass (0: 16 on a CPU, where larger passes
+    measured no faster with one thread, 256 on a GPU)."""
     frames: bool = False
     files_per_part: int = 1000
     part_mb: float = 256.0
     actors: int = 0
     precision: str = "auto"
-    batch_chunks: int = 64
+    batch_chunks: int = 0
 
     def validate(self) -> None:
-        for k in ("files_per_part", "part_mb", "batch_chunks"):
+        for k in ("files_per_part", "part_mb"):
             if not getattr(self, k) > 0:
                 raise EmbedError(f"{k}={getattr(self, k)!r} must be > 0")
-        if self.actors < 0:
-            raise EmbedError(f"actors={self.actors} must be >= 0 (0: sized from the cluster)")
+        for k in ("actors", "batch_chunks"):
+            if getattr(self, k) < 0:
+                raise EmbedError(f"{k}={getattr(self, k)} must be >= 0 (0: chosen for the cluster)")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise EmbedError(f"precision={self.precision!r}: expected auto, bf16 or fp32")
 
@@ -219,7 +222,7 @@ def _chunks(enc: AudioEncoder, n: int) -> int:
     return -(-fc.frames_for(n) // fc.n_frames)
 
 
-def embed_waveforms(enc: AudioEncoder, wavs: list[np.ndarray], frames: bool = False, batch_chunks: int = 64,
+def embed_waveforms(enc: AudioEncoder, wavs: list[np.ndarray], frames: bool = False, batch_chunks: int = 16,
                     precision: str = "auto") -> list[tuple]:
     """(clip embedding [D], frame embeddings [T, frame_dim] or None, frame centre times [T] ms or None) for each
     waveform, by `enc.embed_with_frames`: waveforms sorted by length share passes of at most `batch_chunks`
@@ -241,7 +244,7 @@ def embed_waveforms(enc: AudioEncoder, wavs: list[np.ndarray], frames: bool = Fa
         for j, i in enumerate(idx):
             x[j, :lengths[j]] = torch.from_numpy(wavs[i])
         with autocast(enc.device, precision):
-            clip, fr, t_ms = enc.embed_with_frames(x, lengths)
+            clip, fr, t_ms = enc.embed_with_frames(x, lengths, batch_chunks=batch_chunks)
         clip = clip.float().numpy()
         for j, i in enumerate(idx):
             if frames:
@@ -252,29 +255,75 @@ def embed_waveforms(enc: AudioEncoder, wavs: list[np.ndarray], frames: bool = Fa
     return out
 
 
-def shard_table(keys: list[str], durations: list[float], results: list[tuple], enc: AudioEncoder, frames: bool,
-                meta: dict) -> pa.Table:
-    """A part's rows: key, duration, embedding (+ frame_ms, frames), the part's record in the metadata."""
-    d = enc.embedding_dim
-    emb = np.stack([r[0] for r in results]).astype(np.float32) if results else np.zeros((0, d), np.float32)
-    cols = {"key": pa.array(keys, pa.string()), "duration": pa.array(durations, pa.float32()),
-            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), d)}
+def shard_schema(enc: AudioEncoder, frames: bool) -> pa.Schema:
+    """key, duration (s), embedding [embedding_dim] (+ frame_ms [T], frames [T, frame_dim] with frames)."""
+    fields = [("key", pa.string()), ("duration", pa.float32()),
+              ("embedding", pa.list_(pa.float32(), enc.embedding_dim))]
     if frames:
-        fd = enc.frame_dim
-        counts = [len(r[2]) for r in results]
-        offsets = pa.array(np.r_[0, np.cumsum(counts)].astype(np.int32))
+        fields += [("frame_ms", pa.list_(pa.float32())), ("frames", pa.list_(pa.list_(pa.float32(), enc.frame_dim)))]
+    return pa.schema(fields)
+
+
+def shard_table(keys: list[str], durations: list[float], results: list[tuple], enc: AudioEncoder,
+                frames: bool) -> pa.Table:
+    """Rows of embedded files (`embed_waveforms`' results) in the shard schema."""
+    d, fd = enc.embedding_dim, enc.frame_dim
+    emb = np.stack([r[0] for r in results]).astype(np.float32) if results else np.zeros((0, d), np.float32)
+    cols = [pa.array(keys, pa.string()), pa.array(durations, pa.float32()),
+            pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), d)]
+    if frames:
+        offsets = pa.array(np.r_[0, np.cumsum([len(r[2]) for r in results])].astype(np.int32))
         flat_t = np.concatenate([r[2] for r in results]).astype(np.float32) if results else np.zeros(0, np.float32)
         flat_f = (np.concatenate([r[1] for r in results]).astype(np.float32) if results
                   else np.zeros((0, fd), np.float32))
-        cols["frame_ms"] = pa.ListArray.from_arrays(offsets, pa.array(flat_t))
-        cols["frames"] = pa.ListArray.from_arrays(offsets, pa.FixedSizeListArray.from_arrays(
-            pa.array(flat_f.reshape(-1)), fd))
-    table = pa.table(cols)
-    return table.replace_schema_metadata({META_KEY: json.dumps(meta).encode()})
+        cols += [pa.ListArray.from_arrays(offsets, pa.array(flat_t)),
+                 pa.ListArray.from_arrays(offsets, pa.FixedSizeListArray.from_arrays(pa.array(flat_f.reshape(-1)), fd))]
+    return pa.Table.from_arrays(cols, schema=shard_schema(enc, frames))
 
 
 def shard_uri(out: str, part: int) -> str:
     return join(out, f"{SHARDS}/part-{part:05d}.parquet")
+
+
+class _ShardFile:
+    """A part's shard written row group by row group to a local file (memory holds one group of files, however
+    long the part's audio), then published whole: renamed into place, or uploaded (an S3 object appears
+    complete).  The part's record goes in the footer's key-value metadata."""
+
+    def __init__(self, uri: str, schema: pa.Schema, st: StorageConfig):
+        self.uri, self.st = uri, st
+        if is_remote(uri):
+            fd, self.tmp = tempfile.mkstemp(prefix="audio-jepa-shard-", suffix=".parquet")
+            os.close(fd)
+        else:
+            os.makedirs(os.path.dirname(uri), exist_ok=True)
+            self.tmp = f"{uri}.tmp-{os.getpid()}"
+        self.writer = pq.ParquetWriter(self.tmp, schema, compression="zstd")
+
+    def write(self, table: pa.Table) -> None:
+        if table.num_rows:
+            self.writer.write_table(table)
+
+    def publish(self, meta: dict) -> None:
+        self.writer.add_key_value_metadata({META_KEY: json.dumps(meta).encode()})
+        self.writer.close()
+        try:
+            if not is_remote(self.uri):
+                os.replace(self.tmp, self.uri)
+                return
+            fs, path = resolve(self.uri, self.st.s3_endpoint, self.st.s3_region)
+            with open(self.tmp, "rb") as src, fs.open_output_stream(path) as dst:
+                while chunk := src.read(8 << 20):
+                    dst.write(chunk)
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        try:
+            self.writer.close()
+        finally:
+            if os.path.exists(self.tmp):
+                os.unlink(self.tmp)
 
 
 class PartEmbedder:
@@ -292,6 +341,7 @@ class PartEmbedder:
                                 "cuda" if gpu else "cpu")
         if self.enc.digest() != job["weights_sha256"]:
             raise RuntimeError("the model's weights changed on their way to the actor (digest mismatch)")
+        self.batch_chunks = job["batch_chunks"] or (256 if gpu else 16)
 
     def __call__(self, batch: dict) -> dict:
         return {"record": np.array([json.dumps(self.embed_part(int(p))) for p in batch["part"]], dtype=object)}
@@ -305,28 +355,36 @@ class PartEmbedder:
         else:
             files = _raw_part(self.files, start, end, self.enc.sample_rate, DataConfig(**job["data"]), st,
                               job["threads"])
-        keys, durations, results, skipped = [], [], [], []
-        group, chunks = [], 0  # decoded files waiting: embedded together once they fill 4 passes
+        keys, durations, skipped = [], [], []
+        shard = _ShardFile(shard_uri(job["out"], part), shard_schema(self.enc, job["frames"]), st)
+        group, chunks = [], 0  # decoded files waiting: embedded together, written as one row group
 
-        for key, wav, skip in files:
-            if skip is not None:
-                skipped.append([key, skip.reason, skip.detail])
-                continue
-            keys.append(key)
-            durations.append(len(wav) / self.enc.sample_rate)
-            group.append(wav)
-            chunks += _chunks(self.enc, len(wav))
-            if chunks >= 4 * job["batch_chunks"]:
-                results.extend(embed_waveforms(self.enc, group, job["frames"], job["batch_chunks"], job["precision"]))
-                group, chunks = [], 0
-        results.extend(embed_waveforms(self.enc, group, job["frames"], job["batch_chunks"], job["precision"]))
+        def flush():
+            results = embed_waveforms(self.enc, group, job["frames"], self.batch_chunks, job["precision"])
+            shard.write(shard_table(keys[len(keys) - len(group):], durations[len(keys) - len(group):], results,
+                                    self.enc, job["frames"]))
+
+        try:
+            for key, wav, skip in files:
+                if skip is not None:
+                    skipped.append([key, skip.reason, skip.detail])
+                    continue
+                keys.append(key)
+                durations.append(len(wav) / self.enc.sample_rate)
+                group.append(wav)
+                chunks += _chunks(self.enc, len(wav))
+                if chunks >= max(4 * self.batch_chunks, 256):
+                    flush()
+                    group, chunks = [], 0
+            if group:
+                flush()
+        except BaseException:
+            shard.abort()
+            raise
         meta = {"plan": job["plan_id"], "part": part, "files": end - start, "rows": len(keys),
                 "seconds": float(sum(durations)), "skipped": skipped, "model": job["resolved"],
                 "weights_sha256": job["weights_sha256"]}
-        sink = io.BytesIO()
-        pq.write_table(shard_table(keys, durations, results, self.enc, job["frames"], meta), sink,
-                       compression="zstd")
-        write_bytes(shard_uri(job["out"], part), sink.getvalue(), st.s3_endpoint, st.s3_region)
+        shard.publish(meta)
         return {**meta, "wall_s": time.time() - t0}
 
 
@@ -378,10 +436,10 @@ def check_output(out: str, plan: dict, st: StorageConfig) -> dict | None:
     plan_uri = join(out, PLAN)
     try:
         old = read_json(plan_uri, st) if exists(plan_uri, st) else None
+        entries = _listdir(out, st) if old is None else []
     except (OSError, ValueError) as e:
-        raise EmbedError(f"--out {out}: cannot read its {PLAN}: {e}") from e
+        raise EmbedError(f"--out {out} cannot be read: {e}") from e
     if old is None:
-        entries = _listdir(out, st)
         if entries:
             names = sorted(i.base_name for i in entries)[:5]
             raise EmbedError(f"--out {out} is not empty and holds no {PLAN}: not an output of jobs.embed "
@@ -509,8 +567,8 @@ class Job:
 
 
 def prepare_job(model_uri: str, cfg: Config, out: str, opts: EmbedOptions = EmbedOptions(), progress=print) -> Job:
-    """Everything checked before any work, without Ray: the model read, the source listed, the output checked.
-    EmbedError names the culprit: the model URI, the source, or the output."""
+    """Everything checked before any work, without Ray: the model read, the source listed, the output checked
+    (and claimed with the plan when new).  EmbedError names the culprit: the model URI, the source, or the output."""
     opts.validate()
     out = out.rstrip("/") if is_remote(out) else os.path.abspath(os.path.expanduser(out))
     enc = load_model(model_uri)
@@ -518,6 +576,11 @@ def prepare_job(model_uri: str, cfg: Config, out: str, opts: EmbedOptions = Embe
     files = open_files(cfg)
     plan = make_plan(enc, model_uri, files, cfg, opts)
     old = check_output(out, plan, cfg.storage)
+    if old is None:  # the output's first object: a rerun finds it, another job is refused by it
+        try:
+            write_json(join(out, PLAN), plan, cfg.storage)
+        except OSError as e:
+            raise EmbedError(f"--out {out} cannot be written: {e}") from e
     progress(f"embed: {model_uri} ({enc.resolved}, weights sha256 {plan['weights_sha256'][:12]}…, "
              f"{enc.embedding_dim}-d clips{f', {enc.frame_dim}-d frames' if opts.frames else ''}); "
              f"{files.describe()} -> {out}: {len(plan['parts'])} parts")
@@ -535,8 +598,6 @@ def run_job(job: Job, progress=print) -> dict:
     import ray
     from service.raydata import quiet_ray_data
     enc, files, plan, out, opts, st = job.enc, job.files, job.plan, job.out, job.opts, job.cfg.storage
-    if job.old is None:
-        write_json(join(out, PLAN), plan, st)
     done = finished_parts(out, plan, st, progress)
     todo = [p for p in range(len(plan["parts"])) if p not in done]
     if not todo and exists(join(out, SUMMARY), st):

@@ -146,14 +146,14 @@ class AudioEncoder(torch.nn.Module):
         return self.embed_with_frames(wav, lengths, pooling)[0]
 
     @torch.no_grad()
-    def embed_with_frames(self, wav, lengths=None, pooling: str | None = None):
+    def embed_with_frames(self, wav, lengths=None, pooling: str | None = None, batch_chunks: int = 64):
         """`embed` and `embed_frames` from one pass of the encoder: ([B, embedding_dim], [B, T', frame_dim],
         [B, T'] ms); row i's own frames are its first `frame_count(lengths[i])`."""
         wav = torch.as_tensor(wav, dtype=torch.float32)
         if wav.dim() == 1:
             wav = wav[None]
         lengths = [wav.shape[1]] * wav.shape[0] if lengths is None else lengths
-        frames, t_ms = self.embed_frames(wav, lengths)
+        frames, t_ms = self.embed_frames(wav, lengths, batch_chunks)
         n_valid = torch.tensor([self.frame_count(n) for n in lengths])
         return clip_readout(frames, n_valid, pooling or self.cfg.readout.pooling), frames, t_ms
 

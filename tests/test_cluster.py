@@ -217,6 +217,58 @@ def test_cluster_up_submit_e2e(cluster, tmp_path, clean_corpus_dir):
     assert loaded.returncode == 0 and "True" in loaded.stdout, loaded.stderr[-2000:]
 
 
+EMBED_CHECK = """
+import json, sys
+import numpy as np
+from mlflow import MlflowClient
+from service.audio import decode
+from service.config import StorageConfig
+from service.corpus import read_json
+from service.embed import read_embeddings
+from service.encoder import load_encoder
+from service.storage import read_bytes
+out, source = sys.argv[1], sys.argv[2]
+s = read_json(out + "/embeddings.json", StorageConfig())
+enc = load_encoder("models:/e2e-model@current", "cpu")
+rows = read_embeddings(out).to_pylist()
+worst = 0.0
+for r in rows:
+    wav = decode(read_bytes(source + "/" + r["key"]), enc.sample_rate)
+    worst = max(worst, float(np.abs(np.asarray(r["embedding"]) - enc.embed(wav[None])[0].numpy()).max()))
+    assert len(r["frames"]) == len(r["frame_ms"]) == enc.frame_count(len(wav))
+run = MlflowClient().get_run(s["mlflow"]["run_id"])
+print("EMBED", json.dumps({"rows": len(rows), "worst": worst, "resolved": s["resolved_model_uri"],
+                           "digest_ok": s["weights_sha256"] == enc.digest(), "status": s["status"],
+                           "link": run.data.tags.get(s["mlflow"]["tag"])}))
+"""
+
+
+def test_embed_job_submitted_with_the_clusters_s3_and_registry(cluster):
+    """After the e2e run (its corpus in the cluster's S3, its model in the registry): `ray job submit` of jobs.embed
+    embeds every file as `load_encoder(...).embed` does and links the output from the model's MLflow run."""
+    state, env, _ = cluster
+    full = {**submit_env({}), **env}
+    source, out = "s3://e2e/corpus", "s3://e2e/embeddings/e2e-current"
+    probe = subprocess.run([sys.executable, "-c", "from service.encoder import resolve_model_uri as r; "
+                            "print(r('models:/e2e-model@current'))"], env=full, capture_output=True, text=True,
+                           timeout=300, cwd=ROOT)
+    if probe.returncode != 0:
+        pytest.skip("needs the model test_cluster_up_submit_e2e registers: " + probe.stderr[-300:])
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", env["RAY_ADDRESS"], "--submission-id", "e2e-embed", "--",
+           "python", "-m", "jobs.embed", "--model-uri", "models:/e2e-model@current", "--source", source, "--out", out,
+           "--frames"]
+    r = subprocess.run(cmd, env=full, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    logs = r.stdout + r.stderr
+    assert r.returncode == 0 and "Job 'e2e-embed' succeeded" in logs, logs[-4000:]
+    assert "embed: finished s3://e2e/embeddings/e2e-current: 6 of 6 files embedded" in logs, logs[-4000:]
+    check = subprocess.run([sys.executable, "-c", EMBED_CHECK, out, source], env=full, capture_output=True,
+                           text=True, timeout=300, cwd=ROOT)
+    assert check.returncode == 0, check.stdout[-2000:] + check.stderr[-3000:]
+    got = json.loads(check.stdout.split("EMBED ", 1)[1].splitlines()[0])
+    assert got["rows"] == 6 and got["worst"] < 1e-3 and got["digest_ok"] and got["status"] == "succeeded"
+    assert got["resolved"] == probe.stdout.strip() and got["link"] == out
+
+
 def test_down_leaves_nothing_behind(cluster):
     """Last in the module: stops the shared cluster."""
     state, env, pgids = cluster
