@@ -26,7 +26,6 @@ CPU, or per GPU with that GPU's share of the node's CPUs decoding and bf16 autoc
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
@@ -48,7 +47,7 @@ from service.config import Config, DataConfig, StorageConfig, config_from_dict
 from service.corpus import INDEX, exists, from_pcm, is_corpus, load_corpus, read_block, read_json, write_json
 from service.data import DataSourceError, list_source, read_object
 from service.encoder import AudioEncoder, load_encoder
-from service.ledger import check_skips, skip_summary
+from service.ledger import check_skips, skip_summary, skip_totals, skipped_csv
 from service.prepare import plan_tasks
 from service.storage import is_remote, join, resolve, write_bytes
 
@@ -535,25 +534,6 @@ def link_to_model(plan: dict, out: str, summary: dict) -> dict | None:
     return link
 
 
-def _skip_totals(listed: int, skipped: list[list]) -> dict:
-    counts: dict[str, int] = {}
-    examples: dict[str, list[str]] = {}
-    for key, reason, _ in sorted(skipped):
-        counts[reason] = counts.get(reason, 0) + 1
-        if len(examples.setdefault(reason, [])) < 5:
-            examples[reason].append(key)
-    return {"files": listed, "files_seen": listed, "skipped": counts, "examples": examples}
-
-
-def _write_skipped(out: str, skipped: list[list], st: StorageConfig) -> None:
-    import csv
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["key", "reason", "detail"])
-    w.writerows(sorted(skipped))
-    write_bytes(join(out, SKIPPED), buf.getvalue().encode(), st.s3_endpoint, st.s3_region)
-
-
 @dataclass
 class Job:
     """A job checked and planned, nothing embedded yet."""
@@ -671,7 +651,7 @@ def _finish(out: str, plan: dict, files, records: dict, arrivals: list, done: di
             wall: float, cfg: Config, progress) -> dict:
     st = cfg.storage
     skipped = [list(r) for r in files.skipped_before] + [s for p in sorted(records) for s in records[p]["skipped"]]
-    totals = _skip_totals(files.listed, skipped)
+    totals = skip_totals(files.listed, skipped)
     if files.kind == "raw":  # a prepared corpus was checked when it was prepared
         problem = check_skips(totals, cfg.data)
         if problem:
@@ -689,7 +669,7 @@ def _finish(out: str, plan: dict, files, records: dict, arrivals: list, done: di
                "parts": {"total": len(plan["parts"]), "done_before": len(done), "done_now": len(records) - len(done)},
                "throughput": _throughput(arrivals, wall, pool),
                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    _write_skipped(out, skipped, st)
+    write_bytes(join(out, SKIPPED), skipped_csv(sorted(skipped)), st.s3_endpoint, st.s3_region)
     try:
         summary["mlflow"] = link_to_model(plan, out, summary)
     except Exception as e:  # noqa: BLE001 - the embeddings are written; the link is reported, not fatal

@@ -7,6 +7,7 @@ the driver and rank 0 read its totals to report progress and to stop a run whose
 from __future__ import annotations
 
 import csv
+import io
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -83,9 +84,28 @@ def skip_summary(totals: dict) -> str:
     return f"data: skipped {sum(totals['skipped'].values())} files: {'; '.join(parts)} (list: skipped.csv)"
 
 
+def skip_totals(listed: int, skipped: list) -> dict:
+    """Totals (as `DataLedger.totals` gives them) of a finished list of (key, reason, detail) skips, every
+    listed file seen: what a job that counts its own skips (prepare, embed) checks and reports."""
+    counts: dict[str, int] = {}
+    examples: dict[str, list[str]] = {}
+    for key, reason, _ in sorted(skipped):
+        counts[reason] = counts.get(reason, 0) + 1
+        if len(examples.setdefault(reason, [])) < 5:
+            examples[reason].append(key)
+    return {"files": listed, "files_seen": listed, "skipped": counts, "examples": examples}
+
+
+def skipped_csv(skipped: list) -> bytes:
+    """skipped.csv: one (key, reason, detail) row per skipped file."""
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["key", "reason", "detail"])
+    w.writerows(skipped)
+    return buf.getvalue().encode()
+
+
 def write_skipped_csv(skipped: list[tuple[str, str, str]], path: str) -> str:
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["key", "reason", "detail"])
-        w.writerows(skipped)
+    with open(path, "wb") as f:
+        f.write(skipped_csv(skipped))
     return path

@@ -26,7 +26,7 @@ from service.config import Config, DataConfig, FeaturesConfig, StorageConfig
 from service.corpus import CORPUS, INDEX, PLAN, SCHEMA, VERSION, exists, is_corpus, read_json, write_json
 from service.data import DataSourceError, Listing, list_source, put_listing, read_object
 from service.features import logmel_sums, stats_from_sums
-from service.ledger import check_skips
+from service.ledger import check_skips, skip_totals
 from service.raydata import fetch_once, quiet_ray_data
 from service.storage import join, resolve, write_bytes
 
@@ -257,14 +257,10 @@ def _commit(cfg: Config, out: str, plan: dict, listing: Listing, progress) -> di
             writer = writer or pq.ParquetWriter(sink, table.schema, compression="zstd")
             writer.write_table(table)
     skipped += [[f.uri, "too_large", f"{f.size} bytes"] for f in listing.too_large]
-    counts: dict[str, int] = {}
-    examples: dict[str, list[str]] = {}
-    for uri, reason, _ in sorted(skipped):
-        counts[reason] = counts.get(reason, 0) + 1
-        if len(examples.setdefault(reason, [])) < 5:
-            examples[reason].append(uri)
     listed = len(listing.files) + len(listing.too_large)
-    problem = check_skips({"files_seen": listed, "skipped": counts, "examples": examples}, cfg.data)
+    totals = skip_totals(listed, skipped)
+    counts, examples = totals["skipped"], totals["examples"]
+    problem = check_skips(totals, cfg.data)
     if problem:
         raise DataSourceError(f"prepare {out}: {problem}. The shards are kept: re-run with a higher threshold to "
                               "commit the corpus anyway")

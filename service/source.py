@@ -41,15 +41,18 @@ def open_source(cfg: Config) -> "RawSource | CorpusSource":
     return CorpusSource(cfg) if is_corpus(cfg.data.source, cfg.storage) else RawSource(cfg)
 
 
-def _batches(shard, per_worker: int, device: torch.device, full_scale: float | None = None):
-    """The shard's batches with `x` on the trainer's device (copied from pinned memory without blocking;
-    int16 PCM moves as int16, half the bytes, and is scaled there); bookkeeping columns stay on the host,
-    so reading them never waits for the device."""
-    for b in shard.iter_torch_batches(batch_size=per_worker, drop_last=True, prefetch_batches=2, device="cpu",
-                                      pin_memory=device.type == "cuda"):
-        x = b["x"].to(device, non_blocking=True)
-        b["x"] = x.float() / full_scale if full_scale is not None else x.float()
-        yield b
+def _batches(shard, per_worker: int, device: torch.device):
+    """The shard's batches on the host (pinned for a GPU): bookkeeping columns never wait for the device."""
+    return shard.iter_torch_batches(batch_size=per_worker, drop_last=True, prefetch_batches=2, device="cpu",
+                                    pin_memory=device.type == "cuda")
+
+
+def _on_device(b: dict, device: torch.device, full_scale: float | None = None) -> dict:
+    """`x` copied to the trainer's device without blocking (int16 PCM moves as int16, half the bytes, and is
+    scaled there)."""
+    x = b["x"].to(device, non_blocking=True)
+    b["x"] = x.float() / full_scale if full_scale is not None else x.float()
+    return b
 
 
 class RawBatches:
@@ -62,7 +65,7 @@ class RawBatches:
             got = False
             for b in _batches(shard, per_worker, device):
                 got = True
-                yield b
+                yield _on_device(b, device)
             if not got:
                 raise RuntimeError("the dataset produced no full batch: every file was skipped or there are "
                                    f"fewer than {per_worker} clips")
@@ -77,14 +80,14 @@ class CorpusBatches:
         self.full_scale = 32767.0 if pcm else None
 
     def stream(self, rank: int, per_worker: int, device: torch.device, position: int):
-        for b in _batches(ray.train.get_dataset_shard(f"train.{rank}"), per_worker, device, self.full_scale):
+        for b in _batches(ray.train.get_dataset_shard(f"train.{rank}"), per_worker, device):
             first = int(b["pos"][0])
             if first < position:
                 continue
             if first > position:
                 raise RunStopped(f"rank {rank}: the data stream starts at clip {first} but the restored "
                                  f"checkpoint consumed {position}; resubmit the run")
-            yield b
+            yield _on_device(b, device, self.full_scale)
             position += per_worker
         raise RunStopped(f"rank {rank}: the prepared corpus stream ended at clip {position} before the run's "
                          "last step")
