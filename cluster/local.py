@@ -9,7 +9,10 @@ generated token in var/cluster/ray_token, mode 0600): `ray job submit` needs RAY
 RAY_AUTH_TOKEN_PATH from the env file.  MLflow runs its basic-auth app when MLflow's `auth` extra is installed
 (admin password generated into var/cluster/mlflow_password, mode 0600); clients get MLFLOW_TRACKING_USERNAME /
 MLFLOW_TRACKING_PASSWORD from the env file (mode 0600), and Ray workers inherit them, with the S3 credentials,
-from the head's environment, never through a job's runtime_env.
+from the head's environment, never through a job's runtime_env.  S3 (moto, `cluster.s3`) takes signed requests
+only: its access key's secret is generated into var/cluster/s3_secret (mode 0600) and reaches clients through the
+env file (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY); moto's admin API (`/moto-api/`, which could reset the
+store or switch authentication off) is refused.
 
 `down` signals a PID only while its start time and boot id match what `up` recorded (a PID reused after a reboot
 or by another program is left alone), by PID or process group, never by name.  A failed `up` stops what it
@@ -33,7 +36,7 @@ from cluster.procs import (RAY_LOOPBACK_ENV, descendants, free_port, group_membe
 
 ROOT = Path(__file__).resolve().parents[1]
 STATE = Path(os.environ.get("AUDIO_JEPA_CLUSTER_DIR", ROOT / "var" / "cluster"))
-S3_KEY, S3_SECRET = "audio-jepa-local", "audio-jepa-local-secret"
+S3_KEY = "AKIAAUDIOJEPALOCAL01"  # the access key id is no secret; its secret key is generated (var/cluster/s3_secret)
 MLFLOW_ADMIN = "admin"
 SERVICES = ("ray", "mlflow", "s3")  # the order `down` stops them in: jobs first, then what they write to
 
@@ -157,7 +160,7 @@ def up(state: Path = STATE, num_cpus: int | None = None) -> dict[str, str]:
         "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{ports['mlflow']}",
         "AWS_ENDPOINT_URL": f"http://127.0.0.1:{ports['s3']}",
         "AWS_ACCESS_KEY_ID": S3_KEY,
-        "AWS_SECRET_ACCESS_KEY": S3_SECRET,
+        "AWS_SECRET_ACCESS_KEY": _secret(state / "s3_secret")[0],
         "AWS_DEFAULT_REGION": "us-east-1",
         "RAY_USAGE_STATS_ENABLED": "0",
         "AUDIO_JEPA_CLUSTER_DIR": str(state),
@@ -178,9 +181,9 @@ def up(state: Path = STATE, num_cpus: int | None = None) -> dict[str, str]:
         _save(state, rec)
 
     try:
-        print(f"starting S3 (moto) on 127.0.0.1:{ports['s3']}", flush=True)
-        started("s3", start_group([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(ports["s3"])],
-                                  logs / "s3.log"))
+        print(f"starting S3 (moto, signed requests only) on 127.0.0.1:{ports['s3']}", flush=True)
+        started("s3", start_group([sys.executable, "-m", "cluster.s3", "--port", str(ports["s3"])], logs / "s3.log",
+                                  env={"AUDIO_JEPA_S3_KEY": S3_KEY, "AUDIO_JEPA_S3_SECRET": env["AWS_SECRET_ACCESS_KEY"]}))
         print(f"starting MLflow on 127.0.0.1:{ports['mlflow']} "
               f"({'basic auth' if auth else 'NO authentication: install mlflow[auth] to turn it on'})", flush=True)
         started("mlflow", start_group([bin_path("mlflow"), "server", *(["--app-name", "basic-auth"] if auth else []),

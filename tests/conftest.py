@@ -123,9 +123,12 @@ def s3_server(tmp_path_factory):
         stop_group(proc)
 
 
-def upload_dir(endpoint: str, local: Path, bucket: str, prefix: str) -> str:
+def upload_dir(endpoint: str, local: Path, bucket: str, prefix: str, env: dict | None = None) -> str:
+    """Upload a directory; `env` holds the store's AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (default: the process's)."""
     import boto3
-    s3 = boto3.client("s3", endpoint_url=endpoint)
+    keys = {"aws_access_key_id": env["AWS_ACCESS_KEY_ID"], "aws_secret_access_key": env["AWS_SECRET_ACCESS_KEY"]} \
+        if env else {}
+    s3 = boto3.client("s3", endpoint_url=endpoint, **keys)
     try:
         s3.create_bucket(Bucket=bucket)
     except s3.exceptions.BucketAlreadyOwnedByYou:

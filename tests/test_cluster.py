@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from cluster.local import S3_SECRET
 from cluster.procs import descendants
 from conftest import upload_dir
 from test_security import http_status, listeners_of, listening_sockets, loopback
@@ -113,6 +112,36 @@ def test_cluster_mlflow_requires_a_login(cluster):
     assert http_status(search, {"Authorization": f"Basic {login}"}) == 200
 
 
+def test_cluster_s3_refuses_anonymous_and_wrongly_signed_requests_and_its_admin_api(cluster):
+    """The store holds checkpoints and corpora: only the cluster's access key reads or writes it, and moto's admin
+    API (reset the store, switch authentication off, dump every object) is out of reach."""
+    import boto3
+    import botocore
+    state, env, _ = cluster
+    assert oct((state / "s3_secret").stat().st_mode & 0o777) == "0o600"
+    endpoint = env["AWS_ENDPOINT_URL"]
+
+    def client(**kw):
+        return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", **kw)
+    ours = client(aws_access_key_id=env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
+    ours.create_bucket(Bucket="guarded")
+    ours.put_object(Bucket="guarded", Key="ckpt/state.pt", Body=b"weights")
+    others = {"anonymous": client(config=botocore.config.Config(signature_version=botocore.UNSIGNED)),
+              "wrong secret": client(aws_access_key_id=env["AWS_ACCESS_KEY_ID"], aws_secret_access_key="x" * 40),
+              "unknown key": client(aws_access_key_id="AKIAOTHERUSER0000000", aws_secret_access_key="x" * 40)}
+    for who, c in others.items():
+        for call in (lambda: c.get_object(Bucket="guarded", Key="ckpt/state.pt"),
+                     lambda: c.put_object(Bucket="guarded", Key="ckpt/state.pt", Body=b"overwritten"),
+                     lambda: c.list_objects_v2(Bucket="guarded")):
+            with pytest.raises(botocore.exceptions.ClientError):
+                call()
+            assert ours.get_object(Bucket="guarded", Key="ckpt/state.pt")["Body"].read() == b"weights", who
+    for path, method in (("/moto-api/reset", "POST"), ("/moto-api/reset-auth", "POST"), ("/moto-api/data.json", "GET"),
+                         ("/guarded/ckpt/state.pt", "GET")):
+        assert http_status(endpoint + path, method=method) == 403, path
+    assert ours.get_object(Bucket="guarded", Key="ckpt/state.pt")["Body"].read() == b"weights"
+
+
 SECRET_PROBE = """
 import hashlib, json, os
 from jobs.common import init_ray
@@ -143,7 +172,7 @@ def test_jobs_metadata_carries_no_secrets_and_workers_get_them_from_the_cluster(
         out = subprocess.run(cmd, env=run_env, capture_output=True, text=True, timeout=600, cwd=ROOT)
         assert out.returncode == 0, how + ": " + out.stdout[-3000:] + out.stderr[-2000:]
         digests = json.loads(out.stdout.split("PROBE ", 1)[1].splitlines()[0])
-        assert digests["AWS_SECRET_ACCESS_KEY"] == hashlib.sha256(S3_SECRET.encode()).hexdigest(), how
+        assert digests["AWS_SECRET_ACCESS_KEY"] == hashlib.sha256(env["AWS_SECRET_ACCESS_KEY"].encode()).hexdigest(), how
         assert digests["MLFLOW_TRACKING_PASSWORD"] == hashlib.sha256(
             env.get("MLFLOW_TRACKING_PASSWORD", "").encode()).hexdigest(), how
     listed = subprocess.run([str(BIN / "ray"), "list", "jobs", "--detail", "--format", "json", "--address",
@@ -159,7 +188,7 @@ def test_jobs_metadata_carries_no_secrets_and_workers_get_them_from_the_cluster(
     logs = "".join(f.read_text(errors="replace") for f in
                    Path((state / "ray_temp_dir").read_text()).glob("session_*/logs/*") if f.is_file())
     assert "runtime_env" in logs
-    secrets = [S3_SECRET, *mine.values(), *([env["MLFLOW_TRACKING_PASSWORD"]] if env.get("MLFLOW_TRACKING_PASSWORD")
+    secrets = [env["AWS_SECRET_ACCESS_KEY"], *mine.values(), *([env["MLFLOW_TRACKING_PASSWORD"]] if env.get("MLFLOW_TRACKING_PASSWORD")
                                              else [])]
     for where, text in (("ray list jobs --detail", listed.stdout), ("the job API's /api/jobs/", info),
                         ("the cluster's Ray logs", logs)):
@@ -184,7 +213,7 @@ def test_cluster_up_submit_e2e(cluster, tmp_path, clean_corpus_dir):
     # with it, as `make demo` does: prepare the corpus in the cluster's S3 once, then the tiny pretraining
     # end to end from its shards, the model in the cluster's MLflow
     full = {**base, **env}
-    raw = upload_dir(env["AWS_ENDPOINT_URL"], clean_corpus_dir, "e2e", "corpus")
+    raw = upload_dir(env["AWS_ENDPOINT_URL"], clean_corpus_dir, "e2e", "corpus", env)
     src = "s3://e2e/shards"
     prep = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", env["RAY_ADDRESS"], "--submission-id",
                            "e2e-prepare", "--", "python", "-m", "jobs.prepare", "--source", raw, "--out", src],

@@ -83,9 +83,9 @@ def loopback(address: str) -> bool:
     return ip == ipaddress.ip_address("127.0.0.1")
 
 
-def http_status(url: str, headers: dict | None = None) -> int:
+def http_status(url: str, headers: dict | None = None, method: str = "GET") -> int:
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=30) as r:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}, method=method), timeout=30) as r:
             return r.status
     except urllib.error.HTTPError as e:
         return e.code
