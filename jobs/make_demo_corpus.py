@@ -1,4 +1,4 @@
-"""Build the real-audio demo corpus and two labeled dev tasks from Debian packages (no internet needed
+"""Build the real-audio demo corpus and six labeled dev tasks from Debian packages (no internet needed
 beyond the Debian archive): `python -m jobs.make_demo_corpus --out DIR_OR_S3`.
 
     OUT/pretrain/   unlabeled audio: Tux Paint's recorded sounds and narrations, notes rendered from
@@ -8,8 +8,16 @@ beyond the Debian archive): `python -m jobs.make_demo_corpus --out DIR_OR_S3`.
     OUT/tasks/spoken_digit/        'zero'..'nine' spoken by espeak-ng voices; a voice per split only
     OUT/tasks/spoken_language/     which of 20 languages' KLettres speaker says a letter or syllable
                     (real recordings, none of them in pretrain/); each recording in one split
+    OUT/tasks/spoken_digit_noisy/  spoken_digit's voices and splits, 3-4 renderings a digit, each over
+                    an excerpt of a recorded game sound (UFO:AI, Colobot) at -5..5 dB SNR
+    OUT/tasks/spoken_language_noisy/  spoken_language's recordings (up to 120 a language), each mixed
+                    twice over backgrounds at -5..5 dB SNR
+    OUT/tasks/instrument_family_noisy/  instrument_family's soundfont-per-split plan (4 keys in test)
+                    over backgrounds at -5..5 dB SNR
+    The noisy tasks' backgrounds are each in one split (by a stable hash) and none is in pretrain/;
+    every noisy task has a sources.csv naming each clip's source group, background and SNR.
 
-Every task's splits are disjoint by source group (soundfont, voice, recording), the same way for
+Every task's splits are disjoint by source group (soundfont, voice, recording, background), the same way for
 valid as for test, and no valid/test source is in pretrain/.
 
 Idempotent: files already built (and objects already uploaded) are kept.  Packages are cached.
@@ -28,7 +36,7 @@ import numpy as np
 import soundfile as sf
 
 DEBS = ["fluid-soundfont-gm", "musescore-general-soundfont-small", "timgm6mb-soundfont", "tuxpaint-stamps-default",
-        "klettres-data",
+        "klettres-data", "ufoai-sound", "colobot-common-sounds",
         "espeak-ng", "espeak-ng-data", "libespeak-ng1", "libpcaudio0", "libsonic0", "libpulse0", "libsndfile1",
         "libasyncns0", "libflac12", "libvorbis0a", "libvorbisenc2", "libopus0", "libogg0", "libmpg123-0",
         "libmp3lame0"]
@@ -41,7 +49,9 @@ WORDS = ("the a of river morning light sound music quiet garden city rain window
          "house mountain open close green blue running walking listen speak small large early late").split()
 
 
-CORPUS_VERSION = "2"  # 2: KLettres moved from pretrain/ to spoken_language, held-out voices, TimGM6mb valid
+CORPUS_VERSION = "3"  # 2: KLettres moved from pretrain/ to spoken_language, held-out voices, TimGM6mb valid
+# 3: three noisy dev tasks (spoken_digit_noisy, spoken_language_noisy, instrument_family_noisy) over held-out
+#    recorded game sounds; pretrain/ and the three earlier tasks unchanged
 
 
 def clear_stale_build(build: Path) -> None:
@@ -73,13 +83,16 @@ def fetch_packages(cache: Path) -> Path:
             r = subprocess.run(cmd, cwd=debs, capture_output=True, text=True)
             if r.returncode != 0:
                 raise SystemExit(f"apt-get download failed: {r.stderr[-2000:]}")
-    stamp = root / ".extracted"
-    if not stamp.exists():
-        say("extracting packages")
+    stamp = root / ".extracted"  # the debs extracted so far, one a line (a cache of an older DEBS grows)
+    done = set(stamp.read_text().split()) if stamp.exists() else set()
+    todo = [deb for deb in sorted(debs.glob("*.deb")) if deb.name not in done]
+    if todo:
+        say(f"extracting {len(todo)} packages")
         root.mkdir(parents=True, exist_ok=True)
-        for deb in sorted(debs.glob("*.deb")):
+        for deb in todo:
             subprocess.run(["dpkg", "-x", str(deb), str(root)], check=True)
-        stamp.write_text("ok")
+            done.add(deb.name)
+            stamp.write_text("".join(f"{d}\n" for d in sorted(done)))
     return root
 
 
@@ -240,6 +253,186 @@ def build_digit_task(out: Path, espeak: Espeak, rng: np.random.Generator, splits
     return len(rows)
 
 
+# --- noisy and real-voice tasks (corpus version 3) ---------------------------------------------
+# Backgrounds: recorded game sounds (UFO:AI ambience/weapons/machines, Colobot effects and music), none of
+# them in pretrain/; each file in one split, so a test clip's background was never heard in train.
+# Sounds with voices in them (UFO:AI soldiers, civilians, aliens) are left out: speech over speech blurs labels.
+BACKGROUND_UFOAI = ("ambience", "weapons", "misc", "geoscape", "ugv", "doors", "seq", "impact", "footsteps")
+SNR_DB = (-5.0, 5.0)  # clip-to-background power ratio over the clip's active frames, uniform per clip
+# instrument_family_noisy: a soundfont per split as in instrument_family, four keys in test (512 clips)
+INSTRUMENT_NOISY_PLAN = [("sf2/FluidR3_GM.sf2", "train", (48, 55, 62, 69)), ("sf2/TimGM6mb.sf2", "valid", (52, 65)),
+                         ("sf3/MuseScore_General_Lite.sf3", "test", (50, 57, 64, 71))]
+
+
+def stable_split(name: str, pattern: tuple[int, int] = (12, 15), of: int = 20) -> str:
+    """train/valid/test of a source-group name by a stable hash: crc32 % `of` below pattern[0] train,
+    below pattern[1] valid, else test (default 60/15/25 %)."""
+    import zlib
+    b = zlib.crc32(name.encode()) % of
+    return "train" if b < pattern[0] else "valid" if b < pattern[1] else "test"
+
+
+def background_splits(names: list[str]) -> dict[str, list[str]]:
+    """Background files (the source group) -> split, 60/15/25 % by a stable hash of the name."""
+    out: dict[str, list[str]] = {"train": [], "valid": [], "test": []}
+    for n in sorted(set(names)):
+        out[stable_split("bg:" + n)].append(n)
+    return out
+
+
+def active_frames(x: np.ndarray, frame: int = 320, floor_db: float = 40.0) -> np.ndarray:
+    """The 20 ms frames of `x` within `floor_db` of its loudest frame, concatenated (silence dropped)."""
+    n = len(x) // frame
+    if n == 0:
+        return x
+    f = x[:n * frame].reshape(n, frame)
+    e = (f ** 2).mean(axis=1)
+    return f[e >= e.max() * 10 ** (-floor_db / 10)].reshape(-1)
+
+
+def mix_at_snr(clean: np.ndarray, noise: np.ndarray, snr_db: float, offset: int) -> np.ndarray:
+    """`clean` plus the excerpt of `noise` (looped when shorter) starting at `offset`, scaled so that the
+    clean signal's active power over the excerpt's power is `snr_db`; the sum is scaled down if it clips."""
+    n = len(clean)
+    reps = -(-(offset % len(noise) + n) // len(noise))
+    seg = np.tile(noise, reps)[offset % len(noise):offset % len(noise) + n].astype(np.float64)
+    pc, pn = float((active_frames(clean) ** 2).mean()), float((seg ** 2).mean())
+    if pn <= 0 or pc < 1e-10:  # -100 dBFS: nothing to hear
+        raise ValueError("silent clean clip or background excerpt")
+    y = clean + seg * np.sqrt(pc / (pn * 10 ** (snr_db / 10)))
+    peak = float(np.abs(y).max())
+    return (y * (0.99 / peak) if peak > 0.99 else y).astype(np.float32)
+
+
+def load_backgrounds(root: Path) -> dict[str, np.ndarray]:
+    """name -> mono 16 kHz float32 with silence dropped (at most 60 s a file), every file of 1 s or more."""
+    import zipfile
+
+    from service.audio import Skip, decode
+    items: list[tuple[str, bytes]] = []
+    with zipfile.ZipFile(root / "usr/share/games/ufoai/base/0snd.pk3") as z:
+        for n in sorted(z.namelist()):
+            parts = n.split("/")
+            if len(parts) == 3 and parts[1] in BACKGROUND_UFOAI and n.endswith((".ogg", ".wav")):
+                items.append((f"ufoai/{parts[1]}/{parts[2]}", z.read(n)))
+    for sub in ("sounds", "music"):
+        for f in sorted((root / "usr/share/games/colobot" / sub).glob("*")):
+            if f.suffix in (".ogg", ".wav"):
+                items.append((f"colobot/{sub}/{f.name}", f.read_bytes()))
+    out = {}
+    for name, data in items:
+        try:
+            x = decode(data, SR, min_seconds=1.0)
+        except Skip:
+            continue
+        x = active_frames(x[:60 * SR])
+        if len(x) >= SR:
+            out[name] = x
+    return out
+
+
+class Mixer:
+    """Mixes clips of one split with that split's backgrounds; every draw comes from `rng`, in clip order."""
+
+    def __init__(self, backgrounds: dict[str, np.ndarray], rng: np.random.Generator):
+        self.bg, self.rng = backgrounds, rng
+        self.splits = background_splits(list(backgrounds))
+
+    def draw(self, split: str) -> tuple[str, int, float]:
+        names = self.splits[split]
+        name = names[int(self.rng.integers(len(names)))]
+        return name, int(self.rng.integers(len(self.bg[name]))), float(self.rng.uniform(*SNR_DB))
+
+    def mix(self, clean: np.ndarray, draw: tuple[str, int, float]) -> np.ndarray:
+        name, offset, snr = draw
+        return mix_at_snr(clean, self.bg[name], snr, offset)
+
+
+def build_noisy_digit_task(out: Path, espeak: Espeak, rng: np.random.Generator, splits: dict[str, list[str]],
+                           mixer: Mixer, renditions: dict[str, int]) -> int:
+    """spoken_digit's voices (held out of pretrain/ the same way), `renditions[split]` renderings of each digit
+    per voice (speed and pitch drawn anew), each over a background excerpt of its split at the SNR_DB range."""
+    dst = out / "tasks" / "spoken_digit_noisy"
+    rows, sources = [], []
+    tmp = dst / ".clean.wav"
+    for j, (split, voice) in enumerate((s, v) for s in ("train", "valid", "test") for v in splits[s]):
+        for r in range(renditions[split]):
+            speed, pitch = int(rng.integers(120, 200)), int(rng.integers(25, 75))
+            for word in DIGITS:
+                draw = mixer.draw(split)
+                name = f"{split}/v{j:03d}_r{r}_{word}.flac"
+                if not (dst / name).exists():
+                    espeak.render(word, voice, speed, pitch, tmp)
+                    x, _ = sf.read(tmp, dtype="float32")
+                    write(dst / name, mixer.mix(x, draw), SR)
+                rows.append((name, word, split))
+                sources.append((name, f"voice={voice};background={draw[0]};snr_db={draw[2]:.1f}"))
+        if (j + 1) % 15 == 0:
+            say(f"  spoken_digit_noisy: {j + 1}/{sum(len(v) for v in splits.values())} voices")
+    tmp.unlink(missing_ok=True)
+    _write_task(dst, rows, sources)
+    return len(rows)
+
+
+def _write_task(dst: Path, rows: list[tuple[str, str, str]], sources: list[tuple[str, str]]) -> None:
+    """manifest.csv (what the probes read) and sources.csv (each clip's source group and background)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    (dst / "manifest.csv").write_text("path,label,split\n" + "".join(f"{a},{b},{c}\n" for a, b, c in rows))
+    (dst / "sources.csv").write_text("path,source\n" + "".join(f"{a},{b}\n" for a, b in sources))
+
+
+def build_noisy_language_task(root: Path, out: Path, mixer: Mixer,
+                              per_language: int = 120, mixes: int = 2) -> int:
+    """spoken_language's KLettres recordings (up to `per_language` a language, the same recording-disjoint
+    split: the first 60 of a language are exactly spoken_language's), each mixed `mixes` times over
+    background excerpts of its split at the SNR_DB range."""
+    from service.audio import Skip, decode
+    src = root / "usr/share/klettres"
+    dst = out / "tasks" / "spoken_language_noisy"
+    files = [p.relative_to(src).as_posix() for p in src.rglob("*.ogg") if p.parent.name in ("alpha", "syllab")]
+    rows, sources = [], []
+    for f, lang, split in language_splits(files, per_language):
+        draws = [mixer.draw(split) for _ in range(mixes)]
+        names = [f"{split}/{f.replace('/', '_')[:-4]}_m{m}.flac" for m in range(mixes)]
+        if not all((dst / n).exists() for n in names):
+            try:
+                x = decode((src / f).read_bytes(), SR, min_seconds=0.05)
+            except Skip as e:
+                say(f"  skipped {f}: {e}")
+                continue
+            for n, d in zip(names, draws):
+                write(dst / n, mixer.mix(x, d), SR)
+        for n, d in zip(names, draws):
+            rows.append((n, lang, split))
+            sources.append((n, f"recording={f};background={d[0]};snr_db={d[2]:.1f}"))
+    _write_task(dst, rows, sources)
+    return len(rows)
+
+
+def build_noisy_instrument_task(root: Path, out: Path, mixer: Mixer) -> int:
+    """instrument_family's 16 GM families and soundfont-per-split plan (INSTRUMENT_NOISY_PLAN), each note over a
+    background excerpt of its split at the SNR_DB range."""
+    dst = out / "tasks" / "instrument_family_noisy"
+    rows, sources = [], []
+    for sf_path, split, keys in INSTRUMENT_NOISY_PLAN:
+        notes = None
+        for prog in range(128):
+            for key in keys:
+                draw = mixer.draw(split)
+                name = f"{split}/p{prog:03d}_k{key}.flac"
+                if not (dst / name).exists():
+                    notes = notes or Notes(root / "usr/share/sounds" / sf_path)
+                    try:
+                        write(dst / name, mixer.mix(notes.render(prog, key, 100), draw), SR)
+                    except ValueError:  # a program this soundfont leaves silent at this key: no clip, no label
+                        say(f"  instrument_family_noisy: {sf_path} program {prog} key {key} is silent, left out")
+                        continue
+                rows.append((name, f"family_{prog // 8:02d}", split))
+                sources.append((name, f"soundfont={sf_path};background={draw[0]};snr_db={draw[2]:.1f}"))
+    _write_task(dst, rows, sources)
+    return len(rows)
+
+
 def upload(local: Path, uri: str, endpoint: str | None) -> int:
     """Copy the tree to s3://bucket/prefix, skipping objects that already exist with the same size."""
     import boto3
@@ -311,11 +504,25 @@ def main(argv=None) -> int:
     n_dig = build_digit_task(build, espeak, digit_rng, digit_voices)
     say("copying the spoken-language task (KLettres recordings, recording-disjoint)")
     n_lang = build_language_task(root, build)
+    say("loading the held-out backgrounds (UFO:AI and Colobot sounds, a file per split)")
+    backgrounds = load_backgrounds(root)
+    bg_splits = background_splits(list(backgrounds))
+    say(f"{len(backgrounds)} backgrounds: " + ", ".join(
+        f"{s} {len(v)} files / {sum(len(backgrounds[n]) for n in v) / SR / 60:.0f} min" for s, v in bg_splits.items()))
+    say("rendering the noisy spoken-digit task (spoken_digit's voices over backgrounds)")
+    n_dig_noisy = build_noisy_digit_task(build, espeak, np.random.default_rng(args.seed + 2), digit_voices,
+                                         Mixer(backgrounds, np.random.default_rng(args.seed + 12)),
+                                         {"train": 3, "valid": 3, "test": 4})
+    say("mixing the noisy spoken-language task (KLettres recordings over backgrounds)")
+    n_lang_noisy = build_noisy_language_task(root, build, Mixer(backgrounds, np.random.default_rng(args.seed + 3)))
+    say("rendering the noisy instrument-family task (a soundfont per split, over backgrounds)")
+    n_inst_noisy = build_noisy_instrument_task(root, build, Mixer(backgrounds, np.random.default_rng(args.seed + 4)))
     (build / ".corpus_version").write_text(CORPUS_VERSION)
     if remote:
         upload(build, args.out, args.s3_endpoint)
     say(f"done in {time.time() - t0:.0f} s: {n_pre} pretraining files, instrument_family {n_inst} clips, "
-        f"spoken_digit {n_dig} clips, spoken_language {n_lang} clips -> {args.out}")
+        f"spoken_digit {n_dig} clips, spoken_language {n_lang} clips, spoken_digit_noisy {n_dig_noisy} clips, "
+        f"spoken_language_noisy {n_lang_noisy} clips, instrument_family_noisy {n_inst_noisy} clips -> {args.out}")
     return 0
 
 

@@ -167,6 +167,47 @@ def test_dev_tasks_splits_share_no_source_group():
         assert all(any(f.startswith(lang) for f in by_split[s]) for s in by_split)
 
 
+def test_noisy_dev_tasks_backgrounds_split_and_mix_at_snr():
+    """The noisy tasks: a background file in one split only, the mix at the drawn SNR over the clip's active
+    frames, and spoken_language_noisy's recordings split exactly as spoken_language's."""
+    from jobs.make_demo_corpus import (INSTRUMENT_NOISY_PLAN, active_frames, background_splits, language_splits,
+                                       mix_at_snr)
+    names = [f"ufoai/ambience/a{i}.ogg" for i in range(120)] + [f"colobot/music/m{i}.ogg" for i in range(30)]
+    splits = background_splits(names + names[:10])  # duplicates count once
+    assert sorted(sum(splits.values(), [])) == sorted(names)
+    assert all(len(splits[s]) >= 10 for s in ("train", "valid", "test"))
+    assert background_splits(list(reversed(names))) == splits  # a stable hash, not the listing order
+    fonts = {split: sf for sf, split, _ in INSTRUMENT_NOISY_PLAN}
+    assert set(fonts) == {"train", "valid", "test"} and len(set(fonts.values())) == 3
+    assert 128 * len(next(k for _, s, k in INSTRUMENT_NOISY_PLAN if s == "test")) >= 500
+
+    rng = np.random.default_rng(0)
+    clean = np.concatenate([np.zeros(8000), 0.01 * rng.standard_normal(16000), np.zeros(8000)]).astype(np.float32)
+    noise = (0.3 * rng.standard_normal(5000)).astype(np.float32)  # shorter than the clip: looped
+    assert len(active_frames(clean)) == 16000
+    for snr in (-5.0, 0.0, 5.0):
+        y = mix_at_snr(clean, noise, snr, offset=1234)
+        assert y.shape == clean.shape and y.dtype == np.float32 and np.abs(y).max() <= 0.99
+        n = y - clean
+        measured = 10 * np.log10((clean[8000:24000] ** 2).mean() / (n ** 2).mean())
+        assert abs(measured - snr) < 0.05, (snr, measured)
+    loud = mix_at_snr(np.ones(4000, np.float32) * 0.9, noise, -5.0, 0)
+    assert abs(np.abs(loud).max() - 0.99) < 1e-6  # scaled down instead of clipping
+    try:
+        mix_at_snr(clean, np.zeros(100, np.float32), 0.0, 0)
+        raise AssertionError("a silent background must be refused")
+    except ValueError:
+        pass
+
+    files = [f"{lang}/{kind}/{c}{i}.ogg" for lang in ("de", "ml") for kind in ("alpha", "syllab")
+             for c in "abcdefghij" for i in range(8)]
+    small, big = language_splits(files), language_splits(files, per_language=120)
+    assert set(small) <= set(big) and len(big) > len(small)
+    by_split = {s: {f for f, _, sp in big if sp == s} for s in ("train", "valid", "test")}
+    assert not (by_split["train"] & by_split["test"] or by_split["valid"] & by_split["test"]
+                or by_split["train"] & by_split["valid"])
+
+
 def test_study_controls_blend_and_projection(tmp_path):
     """The EMA blend mixes the online encoder with the very init the run started from, at the product of the
     taus; the projection baseline reads a fixed random map of the patches out like an encoder's tokens."""
