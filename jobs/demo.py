@@ -21,7 +21,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "s3://demo"
-DEV_TASKS = ("instrument_family", "spoken_digit", "spoken_language")  # built by jobs.make_demo_corpus
+DEV_TASKS = ("instrument_family", "spoken_digit", "spoken_language", "spoken_digit_noisy", "spoken_language_noisy",
+             "instrument_family_noisy")  # built by jobs.make_demo_corpus (the last one last)
 
 
 def step(msg: str) -> None:
