@@ -392,12 +392,17 @@ class Config:
         blob = json.dumps(self.shaping(), sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
+    def worker_paths(self) -> dict[str, str]:
+        """Dotted key -> path or URI, for every location Ray workers read or write."""
+        return {key: getattr(getattr(self, key.split(".")[0]), key.split(".")[1]) for key in PATH_KEYS}
+
     @property
     def run_dir(self) -> str:
         """`<checkpoint.storage_path>/<run_name>`: where Ray Train keeps this run's checkpoints and markers."""
         return f"{self.checkpoint.storage_path.rstrip('/')}/{self.run_name}"
 
 
+PATH_KEYS = ("data.source", "probe.task", "checkpoint.storage_path")  # read or written by the workers, by path
 SHAPING_SECTIONS = ("features", "model", "masking", "ema", "loss", "optim")
 SHAPING_TRAIN_KEYS = ("steps", "batch_size")
 SHAPING_DATA_KEYS = ("short_audio", "trim_silence", "crops_per_file", "min_seconds", "shuffle_blocks")
@@ -527,9 +532,9 @@ def load_config(name_or_path: str | dict | None = None, overrides: list[str] | N
 
 def _with_absolute_paths(cfg: Config) -> Config:
     """Local paths made absolute in the process that was given them: trials and Ray workers run elsewhere."""
-    cfg.data.source = _absolute(cfg.data.source)
-    cfg.probe.task = _absolute(cfg.probe.task)
-    cfg.checkpoint.storage_path = _absolute(cfg.checkpoint.storage_path)
+    for key in PATH_KEYS:
+        section, name = key.split(".")
+        setattr(getattr(cfg, section), name, _absolute(getattr(getattr(cfg, section), name)))
     return cfg
 
 

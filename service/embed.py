@@ -576,8 +576,9 @@ def run_job(job: Job, progress=print) -> dict:
     """Embed the parts not yet done on an actor pool, then the summary (written last).  Needs Ray initialised
     (jobs.embed joins the cluster or starts a private one)."""
     import ray
-    from service.raydata import quiet_ray_data
+    from service.raydata import quiet_ray_data, refuse_local_paths
     enc, files, plan, out, opts, st = job.enc, job.files, job.plan, job.out, job.opts, job.cfg.storage
+    refuse_local_paths({"--source": job.cfg.data.source, "--out": out})
     done = finished_parts(out, plan, st, progress)
     todo = [p for p in range(len(plan["parts"])) if p not in done]
     if not todo and exists(join(out, SUMMARY), st):

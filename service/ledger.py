@@ -54,8 +54,9 @@ class DataLedger:
 
 def new_ledger(listed: int, too_large: list[str]):
     """The run's ledger, placed on the driver's node: a lost worker node cannot take the counts with it (the
-    driver's own node going down ends the run anyway)."""
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    driver's own node going down ends the run anyway).  Hard affinity: a soft one let Ray spill the actor to a
+    worker node (seen on a 3-node cluster whose head has 0 CPUs), where the loss of that node ended the run."""
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     return DataLedger.options(scheduling_strategy=here).remote(listed, too_large)
 
 

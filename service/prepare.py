@@ -27,7 +27,7 @@ from service.corpus import CORPUS, INDEX, PLAN, SCHEMA, VERSION, exists, is_corp
 from service.data import DataSourceError, Listing, list_source, put_listing, read_object
 from service.features import logmel_sums, stats_from_sums
 from service.ledger import check_skips, skip_totals
-from service.raydata import fetch_once, quiet_ray_data
+from service.raydata import fetch_once, quiet_ray_data, refuse_local_paths
 from service.storage import join, resolve, write_bytes
 
 
@@ -181,6 +181,7 @@ def prepare(cfg: Config, out: str, opts: PrepareOptions = PrepareOptions(), prog
     opts.validate()
     st, fc = cfg.storage, cfg.features
     out = out.rstrip("/")
+    refuse_local_paths({"data.source": cfg.data.source, "--out": out})
     listing = list_source(cfg)
     digest = _listing_digest(listing)
     if is_corpus(out, st):

@@ -1,11 +1,31 @@
-"""Shims around Ray Data that every stream of ours uses: quiet progress output, a scheduling loop that
-does not spin in the trainer's process (`data.calm_loop`), and object-store values fetched once per
-worker process."""
+"""Shims around Ray that every job of ours uses: paths refused that other nodes cannot reach, quiet
+progress output, a scheduling loop that does not spin in the trainer's process (`data.calm_loop`), and
+object-store values fetched once per worker process."""
 from __future__ import annotations
 
 import time
 
 import ray
+
+from service.config import ConfigError
+
+
+def refuse_local_paths(paths: dict[str, str]) -> None:
+    """On a Ray cluster of more than one node, refuse paths on this machine's disk among `paths` (a dotted key
+    or option -> path or URI): the workers on other nodes cannot read or write them.  Checked before any work
+    starts; without it a local source ends as every file "missing", a local probe task as a retried
+    FileNotFoundError on rank 0, a local storage path as checkpoints no other node can restore."""
+    local = {k: v for k, v in paths.items() if v and "://" not in v}
+    if not local:
+        return
+    if not ray.is_initialized():
+        ray.init()  # what the first Ray call would do anyway: the nodes are those of the cluster it joins
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    if nodes > 1:
+        raise ConfigError(f"{', '.join(f'{k}={v}' for k, v in local.items())}: a path on this machine's disk, and "
+                          f"this Ray cluster has {nodes} nodes; workers on the other nodes cannot read or write it. "
+                          "On a cluster of several nodes, data, tasks, checkpoints and outputs live in object storage "
+                          "(s3://bucket/prefix; storage.s3_endpoint for S3-compatible stores).")
 
 
 def quiet_ray_data() -> None:

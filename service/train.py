@@ -25,6 +25,7 @@ from service.config import Config, ConfigError, config_from_dict
 from service.features import LogMel
 from service.ledger import check_skips, skip_summary, write_skipped_csv
 from service.masks import render_masks
+from service.raydata import refuse_local_paths
 from service.source import open_source
 from service.storage import join, ray_storage, read_bytes, uri_for
 from service.worker import train_loop_per_worker
@@ -42,6 +43,7 @@ def run_pretraining(cfg: Config, progress=print, parent_run_id: str | None = Non
 
     `parent_run_id` nests the MLflow run (sweeps); `callbacks` are Ray Train callbacks (Tune reporting).
     """
+    refuse_local_paths(cfg.worker_paths())
     source = open_source(cfg)
     progress(f"data: {source.describe()}")
     newest = _newest_checkpoint(cfg, progress)

@@ -27,7 +27,7 @@ os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 # `make test` runs files in 2 processes (pytest-xdist, --dist loadfile --no-loadscope-reorder), handed out
 # in collection order: the slowest files go first (measured with --durations), so the two processes
 # start on them together instead of finishing with them one after the other.
-SLOWEST_FIRST = ("test_train.py", "test_cluster.py", "test_mlflow.py", "test_sweep.py", "test_study.py",
+SLOWEST_FIRST = ("test_train.py", "test_cluster.py", "test_nodes.py", "test_mlflow.py", "test_sweep.py", "test_study.py",
                  "test_corpus.py", "test_security.py")
 
 

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from node_loss import weights_digest
 from service import checkpoint as ckpt
 from service.config import load_config
 from service.model import AudioJEPA
@@ -46,8 +47,9 @@ def expected_digests(cfg, corpus_dir: Path, steps: list[int]) -> dict[int, float
 
 def test_fault_injection_resumes_exactly_and_resubmission_continues(clean_corpus_dir, tmp_path, mlflow_server):
     """A 2-worker run from a prepared corpus, one worker killed mid-pass: the model state and the data
-    position resume exactly (every checkpoint's clip digest is what an uninterrupted stream gives), and
-    neither the failure nor a resubmission makes a second MLflow run."""
+    position resume exactly (every checkpoint's clip digest is what an uninterrupted stream gives, and the run
+    ends with the losses and the bit-identical weights of the same config run uninterrupted), and neither the
+    failure nor a resubmission makes a second MLflow run."""
     from mlflow import MlflowClient
     from service.prepare import PrepareOptions, prepare
     corpus = tmp_path / "corpus"
@@ -93,6 +95,18 @@ def test_fault_injection_resumes_exactly_and_resubmission_continues(clean_corpus
     marks = {int(p.name[-8:]): json.loads((p / ckpt.MARKER).read_text()) for p in checkpoints(tmp_path, "fault")}
     assert {s: mk["data_position"] for s, mk in marks.items()} == {4: 16, 8: 32, 12: 48}
     assert {s: mk["metrics"]["data_digest"] for s, mk in marks.items()} == expected_digests(cfg, corpus, [4, 8, 12])
+    # and the model resumed exactly: the run ends where the same config uninterrupted ends, losses and weights
+    calm = {k: v for k, v in over.items() if not k.startswith("failure.inject")}
+    steady = run_pretraining(cfg_for(corpus, tmp_path, "steady", **{**calm, "mlflow.experiment": "fault-steady"}))
+    assert steady["status"] == "succeeded" and steady["metrics"]["data_digest"] == m["data_digest"]
+    assert weights_digest(ckpt.load_state(steady["checkpoint"])) == weights_digest(ckpt.load_state(summary["checkpoint"]))
+    c = MlflowClient(mlflow_server)
+
+    def losses_after_the_resume(run_id):
+        history = {h.step: h.value for h in c.get_metric_history(run_id, "loss")}  # a step logged twice: its last
+        return {step: loss for step, loss in history.items() if step > 4}
+    assert losses_after_the_resume(summary["mlflow_run_id"]) == losses_after_the_resume(steady["mlflow_run_id"])
+    assert {5, 10, 12} <= set(losses_after_the_resume(steady["mlflow_run_id"]))  # log_every=5, and the last step
 
     # resubmitting the finished run name trains nothing and starts no worker (none restored, none resumed)
     said = []
@@ -102,7 +116,6 @@ def test_fault_injection_resumes_exactly_and_resubmission_continues(clean_corpus
     assert any("finished before (step 12" in line for line in said), said
     assert resume_steps(tmp_path, "fault") == [4]
     assert [p.name for p in checkpoints(tmp_path, "fault")][-1] == "checkpoint_00000012"
-    c = MlflowClient(mlflow_server)
     runs = c.search_runs([c.get_experiment_by_name("fault").experiment_id])
     assert [r.info.run_id for r in runs] == [summary["mlflow_run_id"]] == [again["mlflow_run_id"]]
     assert runs[0].info.status == "FINISHED" and runs[0].data.tags["audio_jepa.status"] == "succeeded"
