@@ -532,9 +532,9 @@ def load_config(name_or_path: str | dict | None = None, overrides: list[str] | N
 
 def _with_absolute_paths(cfg: Config) -> Config:
     """Local paths made absolute in the process that was given them: trials and Ray workers run elsewhere."""
-    for key in PATH_KEYS:
+    for key, path in cfg.worker_paths().items():
         section, name = key.split(".")
-        setattr(getattr(cfg, section), name, _absolute(getattr(getattr(cfg, section), name)))
+        setattr(getattr(cfg, section), name, _absolute(path))
     return cfg
 
 

@@ -21,8 +21,7 @@ def node_loss(s3_server, mlflow_server, clean_corpus_dir, tmp_path_factory):
     raw = upload_dir(s3_server, clean_corpus_dir, "nodes", "raw")
     out = tmp_path_factory.mktemp("nodes") / "result.json"
     env = {**os.environ, "AWS_ENDPOINT_URL": s3_server, "MLFLOW_TRACKING_URI": mlflow_server, "PYTHONUNBUFFERED": "1"}
-    for k in ("RAY_ADDRESS",):
-        env.pop(k, None)
+    env.pop("RAY_ADDRESS", None)
     r = subprocess.run([sys.executable, str(ROOT / "tests" / "node_loss.py"), raw, str(out)], env=env, cwd=ROOT,
                        capture_output=True, text=True, timeout=900)
     assert out.exists(), f"exit {r.returncode}: " + r.stdout[-3000:] + r.stderr[-5000:]
