@@ -15,8 +15,8 @@ from service.config import load_config
 from service.controls import blend_encoder, projection_encoder
 from service.encoder import checkpoint_state, load_encoder, random_encoder
 from service.features import FEATURES_VERSION, logmel_stats
-from service.probe import (cached, encoder_features, load_audio, load_task, logmel_features, markdown_table,
-                           run_probes)
+from service.probe import (cached, cached_probes, encoder_features, load_audio, load_task, logmel_features,
+                           markdown_table)
 
 
 def evaluate(model_uri: str, tasks: list[str], config: str | None = None, overrides: list[str] | None = None,
@@ -73,11 +73,11 @@ def evaluate(model_uri: str, tasks: list[str], config: str | None = None, overri
                    "pooling": pooling or enc.cfg.readout.pooling, "short_audio": enc.cfg.data.short_audio,
                    "version": FEATURES_VERSION}
             X = cached(cache_dir, key, lambda enc=enc: encoder_features(enc, wavs, pooling))
-            rows += [{"model": name, **r} for r in run_probes(X, y, split)]
+            rows += [{"model": name, **r} for r in cached_probes(cache_dir, key, X, y, split)]
         key = {"model": "logmel", "features": repr(cfg.features), "task": task_uri, "manifest": task.manifest_sha,
                "version": FEATURES_VERSION}
         X = cached(cache_dir, key, lambda: logmel_features(wavs, cfg.features))
-        rows += [{"model": "logmel", **r} for r in run_probes(X, y, split)]
+        rows += [{"model": "logmel", **r} for r in cached_probes(cache_dir, key, X, y, split)]
         for r in rows:
             r["task"] = task.name
         results += rows

@@ -33,6 +33,7 @@ log = logging.getLogger("audio_jepa.probe")
 SPLITS = ("train", "valid", "test")
 C_GRID = (0.01, 0.1, 1.0, 10.0)
 KNN_K = 10
+PROBES_VERSION = 1  # bump when run_probes changes what it fits or reports: cached probe rows are keyed on it
 
 
 class TaskError(ValueError):
@@ -138,12 +139,15 @@ def _long_logmel(fe: LogMel, x: torch.Tensor, fc: FeaturesConfig) -> torch.Tenso
     return torch.cat(chunks, dim=1)
 
 
+def _cache_path(cache_dir: str, key: dict, suffix: str) -> Path:
+    return Path(cache_dir) / (hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20] + suffix)
+
+
 def cached(cache_dir: str | None, key: dict, compute) -> np.ndarray:
     """Embeddings cached per (model, task, pooling) so re-running a probe does not re-encode."""
     if not cache_dir:
         return compute()
-    h = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-    path = Path(cache_dir) / f"{h}.npy"
+    path = _cache_path(cache_dir, key, ".npy")
     if path.exists():
         return np.load(path)
     feats = compute()
@@ -151,6 +155,21 @@ def cached(cache_dir: str | None, key: dict, compute) -> np.ndarray:
     np.save(path.with_suffix(".tmp.npy"), feats)
     os.replace(path.with_suffix(".tmp.npy"), path)
     return feats
+
+
+def cached_probes(cache_dir: str | None, key: dict, X: np.ndarray, y: np.ndarray, split: np.ndarray) -> list[dict]:
+    """`run_probes` on the test split, cached beside the features it read (same key, PROBES_VERSION added):
+    the random init, the controls and log-mel are probed once per seed and task, not once per study run."""
+    if not cache_dir:
+        return run_probes(X, y, split)
+    path = _cache_path(cache_dir, {**key, "probes": PROBES_VERSION}, ".probes.json")
+    if path.exists():
+        return json.loads(path.read_text())
+    rows = run_probes(X, y, split)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.with_suffix(".tmp").write_text(json.dumps(rows))
+    os.replace(path.with_suffix(".tmp"), path)
+    return rows
 
 
 # --- probes --------------------------------------------------------------------------------
@@ -206,7 +225,7 @@ def run_probes(X: np.ndarray, y: np.ndarray, split: np.ndarray, eval_split: str 
 
 
 def markdown_table(rows: list[dict], task: str) -> str:
-    lines = [f"| task | model | probe | accuracy | macro-F1 |", "| --- | --- | --- | --- | --- |"]
+    lines = ["| task | model | probe | accuracy | macro-F1 |", "| --- | --- | --- | --- | --- |"]
     for r in rows:
         lines.append(f"| {task} | {r['model']} | {r['probe']} | {r['accuracy']:.3f} | {r['macro_f1']:.3f} |")
     return "\n".join(lines)

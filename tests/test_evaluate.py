@@ -109,6 +109,22 @@ def test_embedding_cache_reuses(tmp_path):
     assert len(calls) == 1 and np.array_equal(a, b)
 
 
+def test_probe_results_are_cached_with_their_features_and_the_probes_version(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    y = np.repeat(["a", "b"], 12)
+    X = rng.standard_normal((24, 4)) + (y == "a")[:, None] * 2.0
+    split = np.tile(np.array(["train"] * 8 + ["valid"] * 2 + ["test"] * 2), 2)
+    calls = []
+    real = probe.run_probes
+    monkeypatch.setattr(probe, "run_probes", lambda *a: calls.append(1) or real(*a))
+    first = probe.cached_probes(str(tmp_path), {"model": "m#1"}, X, y, split)
+    assert probe.cached_probes(str(tmp_path), {"model": "m#1"}, X, y, split) == first and len(calls) == 1
+    probe.cached_probes(str(tmp_path), {"model": "m#2"}, X, y, split)  # other features: probed
+    monkeypatch.setattr(probe, "PROBES_VERSION", probe.PROBES_VERSION + 1)  # the probes changed: probed again
+    assert probe.cached_probes(str(tmp_path), {"model": "m#1"}, X, y, split) == first and len(calls) == 3
+    assert {r["probe"] for r in first} == {"linear", "knn"}
+
+
 def test_knn_is_on_standardised_features():
     """A large shared offset (what uncentred encoder features have) must not change the kNN answer."""
     rng = np.random.default_rng(0)
