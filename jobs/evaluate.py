@@ -4,7 +4,8 @@
     python -m jobs.evaluate --model-uri random --config tiny --task DIR
 
 Prints a table (JEPA vs random-init vs log-mel; linear and kNN; accuracy and macro-F1 on test),
-writes Markdown and the summary JSON, and logs the metrics to the model's MLflow run.
+writes Markdown and the summary JSON, and logs the metrics to the model's MLflow run.  A random init whose
+config has no `features.mean/std` is normalised with stats pooled over every task's train split.
 """
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ from service import tracking
 from service.config import load_config
 from service.controls import blend_encoder, projection_encoder
 from service.encoder import checkpoint_state, load_encoder, random_encoder
-from service.features import FEATURES_VERSION, logmel_stats
+from service.features import FEATURES_VERSION, logmel_sums, stats_from_sums
 from service.probe import (cached, cached_probes, encoder_features, load_audio, load_task, logmel_features,
                            markdown_table)
 
@@ -40,6 +40,10 @@ def evaluate(model_uri: str, tasks: list[str], config: str | None = None, overri
         cfg = cfg.with_overrides({f"readout.{k}": v for k, v in readout.items()})
         if encoder is not None:
             encoder.cfg = cfg
+    if cfg.features.mean is None:  # a random-init config without stats: measured on every task's train split
+        cfg = cfg.with_overrides(train_split_stats(tasks, cfg, endpoint))
+        progress(f"features.mean/std measured on the train splits of {len(tasks)} task(s): "
+                 f"{cfg.features.mean} / {cfg.features.std}")
     results, tables, models = [], [], None
     for task_uri in tasks:
         t0 = time.time()
@@ -47,13 +51,6 @@ def evaluate(model_uri: str, tasks: list[str], config: str | None = None, overri
         wavs, keep = load_audio(task, cfg.features.sample_rate, endpoint)
         y = np.asarray(task.labels)[keep]
         split = np.asarray(task.splits)[keep]
-        if cfg.features.mean is None:  # a random-init config without stats: measure them on this train split
-            stats = logmel_stats([w for w, s in zip(wavs, split) if s == "train"], cfg.features)
-            if stats is None:
-                raise ValueError(f"task {task.name}: no decodable train clips to measure features.mean/std on")
-            cfg = cfg.with_overrides(stats)
-            progress(f"features.mean/std measured on {task.name}'s train split: "
-                     f"{cfg.features.mean} / {cfg.features.std}")
         if models is None:
             rnd = random_encoder(cfg, seed=cfg.seed)
             models = {"jepa": encoder, "random": rnd} if encoder is not None else {"random": rnd}
@@ -90,6 +87,22 @@ def evaluate(model_uri: str, tasks: list[str], config: str | None = None, overri
         summary["resolved_model_uri"] = encoder.resolved
         summary["mlflow_run_id"] = log_results(uri, encoder.resolved, results)
     return summary
+
+
+def train_split_stats(tasks: list[str], cfg, endpoint: str | None = None) -> dict[str, float]:
+    """`features.mean/std` pooled over the train clips of all `tasks`, so a random init is normalised the same
+    whatever the tasks' order (one pass per task; its audio is decoded again by the probe pass)."""
+    sums = [0.0, 0.0, 0]
+    for task_uri in tasks:
+        task = load_task(task_uri, endpoint)
+        wavs, keep = load_audio(task, cfg.features.sample_rate, endpoint)
+        for wav, split in zip(wavs, np.asarray(task.splits)[keep]):
+            if split == "train":
+                sums = [a + b for a, b in zip(sums, logmel_sums(wav, cfg.features))]
+    stats = stats_from_sums(*sums)
+    if stats is None:
+        raise ValueError(f"tasks {', '.join(tasks)}: no decodable train clips to measure features.mean/std on")
+    return stats
 
 
 def log_results(uri: str, model_uri: str, results: list[dict]) -> str | None:

@@ -260,3 +260,27 @@ def test_study_controls_blend_and_projection(tmp_path):
     assert out.shape == (2, proj.embedding_dim) and torch.isfinite(out).all()
     assert torch.equal(out, projection_encoder(cfg, seed=0, device="cpu").embed(wav))  # fixed, seeded
     assert proj.digest() != projection_encoder(cfg, seed=1, device="cpu").digest()
+
+
+def test_a_random_inits_normalisation_is_measured_on_every_tasks_train_split_whatever_their_order(tmp_path):
+    """`--model-uri random` has no stats of its own: they are pooled over all tasks' train clips, so a task's
+    figures do not depend on which task came first."""
+    from service.evaluate import evaluate, train_split_stats
+    loud, quiet = make_task(tmp_path / "loud", per_split=(4, 2, 2)), make_task(tmp_path / "quiet", (4, 2, 2), seed=1)
+    for f in quiet.glob("*.wav"):
+        x, sr = sf.read(f)
+        sf.write(f, 0.01 * x, sr)  # 40 dB quieter: another log-mel mean
+    small = ["model.depth=1", "model.width=32", "model.heads=2", "model.pred_width=32", "model.pred_heads=2"]
+
+    def measured(tasks):
+        said = []
+        evaluate("random", [str(t) for t in tasks], config="tiny", overrides=small, log_to_mlflow=False,
+                 progress=said.append)
+        return [s for s in said if s.startswith("features.mean/std measured on the train splits of 2 task(s)")]
+
+    first, second = measured([loud, quiet]), measured([quiet, loud])
+    assert len(first) == 1 and first == second
+    from service.config import load_config
+    fc = load_config("tiny", small)
+    pooled, alone = train_split_stats([str(loud), str(quiet)], fc), train_split_stats([str(loud)], fc)
+    assert pooled["features.mean"] < alone["features.mean"] - 1  # the quiet task's train clips count
