@@ -22,9 +22,11 @@
         same files: clips/s and hours of audio per hour, per CPU (default: the demo corpus, a random-init
         model of --config).
     python -m jobs.benchmark quality [--config tiny] [--steps 200,400] [--seeds 3] [--ablate all] [--json PATH]
+                                     [--against BASE_JSON]
         pretraining vs the same-seed random init (same readout, same probes) on the dev tasks' test
         splits, beside log-mel: mean ± standard error over seeds, a Markdown table and a plot
-        (default data: the demo corpus in var/demo-corpus, built if missing).
+        (default data: the demo corpus in var/demo-corpus, built if missing).  With --against, this
+        study minus a base study's, paired by seed, and the adoption verdict.
 """
 from __future__ import annotations
 
@@ -380,7 +382,7 @@ def bench_train(args) -> None:
 
 def bench_quality(args) -> None:
     from service.config import load_config
-    from jobs.study import ABLATIONS, plot, run_study, table
+    from jobs.study import ABLATIONS, compare, compare_table, plot, run_study, table
 
     if not args.source:
         from jobs.demo import DEV_TASKS
@@ -419,11 +421,16 @@ def bench_quality(args) -> None:
                          on_rows=lambda r: partial.write_text(json.dumps({"study": study, "rows": r}, indent=1)))
     partial.unlink(missing_ok=True)
     md = table(rows)
+    against = None
+    if args.against:  # the adoption rule against a base study, paired by seed
+        against = compare(json.loads(Path(args.against).read_text())["rows"], rows)
+        md += f"\n\nAgainst {args.against}:\n\n" + compare_table(against)
     png = plot(rows, str(out.with_suffix(".png")))
     out.with_suffix(".md").write_text(md + "\n")
     print(md, flush=True)
     emit({"study": study, "config": args.config, "budgets": budgets, "seeds": args.seeds, "ablations": ablate,
-          "rows": rows, "markdown": md, "plot": png}, [("table", str(out.with_suffix(".md"))), ("plot", png)], str(out))
+          "rows": rows, "markdown": md, "plot": png, "against": against},
+         [("table", str(out.with_suffix(".md"))), ("plot", png)], str(out))
 
 
 def main(argv=None) -> int:
@@ -444,6 +451,8 @@ def main(argv=None) -> int:
                    "(padding,stats,ema,readout,ratio or all)")
     p.add_argument("--ablation-steps", type=int, default=0, help="quality: budget of the ablations (default: the last)")
     p.add_argument("--ablation-seeds", type=int, default=2)
+    p.add_argument("--against", help="quality: a base study's JSON; prints this study minus it, paired by seed, "
+                   "and the adoption verdict (mean up by > 2 s.e., no task down by > 2 s.e., 3 seeds)")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--json")
     args = p.parse_args(argv)

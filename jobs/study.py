@@ -101,6 +101,54 @@ def table(rows: list[dict], probe: str = "linear", variant_key: str = "variant")
     return "\n".join(lines)
 
 
+def compare(base: list[dict], cand: list[dict], probe: str = "linear", min_seeds: int = 3) -> dict:
+    """The adoption rule: the candidate's JEPA minus the base's, paired by seed (same steps, same tasks).
+
+    Adopt when the mean over tasks rises by more than two standard errors over seeds and no task falls
+    by more than two of its own, on at least `min_seeds` seeds.  Rows are a study's (the "recipe" variant)."""
+    pick = lambda rows: {(r["task"], r["steps"], r["seed"]): r["accuracy"] for r in rows  # noqa: E731
+                         if r.get("variant", "recipe") == "recipe" and r["model"] == "jepa" and r["probe"] == probe}
+    a, b = pick(base), pick(cand)
+    shared = sorted(set(a) & set(b))
+    if not shared:
+        raise ValueError("the two studies share no (task, steps, seed) run to compare")
+    steps = max({s for _, s, _ in shared})
+    tasks = sorted({t for t, s, _ in shared if s == steps})
+    seeds = sorted(set.intersection(*({sd for t2, s, sd in shared if t2 == t and s == steps} for t in tasks)))
+    diff = {t: [b[(t, steps, sd)] - a[(t, steps, sd)] for sd in seeds] for t in tasks}
+    per_task = {t: mean_se(v) for t, v in diff.items()}
+    mean = mean_se([float(np.mean([diff[t][i] for t in tasks])) for i in range(len(seeds))])
+    erank = {name: mean_se([r["target_erank"] for r in rows if r.get("variant", "recipe") == "recipe"
+                            and r["steps"] == steps and r["seed"] in seeds and r["model"] == "jepa"
+                            and r["probe"] == probe and r.get("target_erank") is not None] or [float("nan")])[0]
+             for name, rows in (("base", base), ("candidate", cand))}
+    lowered = [t for t, (m, se) in per_task.items() if se == se and m < -2 * se]
+    if len(seeds) < min_seeds:
+        verdict = f"undecided: {len(seeds)} shared seed(s), the rule needs {min_seeds}"
+    elif mean[0] > 2 * mean[1] and not lowered:
+        verdict = "adopt: the mean rises by more than 2 s.e. and no task falls by more than 2"
+    else:
+        verdict = "keep the base: " + ("; ".join(filter(None, [
+            "the mean does not rise by more than 2 s.e." if not mean[0] > 2 * mean[1] else "",
+            f"{', '.join(lowered)} fall(s) by more than 2 s.e." if lowered else ""])))
+    only = sorted({t for t, _, _ in set(a) ^ set(b)} - set(tasks))
+    return {"steps": steps, "seeds": seeds, "tasks": per_task, "mean": mean, "erank": erank, "lowered": lowered,
+            "verdict": verdict, "only_in_one": only}
+
+
+def compare_table(c: dict) -> str:
+    fmt = lambda m, s: f"{m:+.3f} ± {s:.3f}" if s == s else f"{m:+.3f}"  # noqa: E731
+    lines = [f"candidate − base, JEPA linear accuracy, {c['steps']} steps, paired over seeds {c['seeds']}:", "",
+             "| task | candidate − base |", "| --- | --- |"]
+    lines += [f"| {t} | {fmt(*ms)} |" for t, ms in c["tasks"].items()]
+    lines += [f"| **mean over tasks** | **{fmt(*c['mean'])}** |", "",
+              f"target effective rank: base {c['erank']['base']:.0f}, candidate {c['erank']['candidate']:.0f}",
+              f"verdict: {c['verdict']}"]
+    if c["only_in_one"]:
+        lines.append(f"(tasks read by one study only, not compared: {', '.join(c['only_in_one'])})")
+    return "\n".join(lines)
+
+
 def plot(rows: list[dict], path: str, probe: str = "linear") -> str:
     """Accuracy against pretraining steps per task: JEPA and random init (mean ± s.e.), log-mel."""
     main = [r for r in rows if r.get("variant", "recipe") == "recipe" and r["probe"] == probe]
