@@ -81,7 +81,9 @@ def table(rows: list[dict], probe: str = "linear", variant_key: str = "variant")
                 if r["model"] in ("jepa", "random"):
                     by_seed.setdefault(r["seed"], []).append(r["accuracy"] * (1 if r["model"] == "jepa" else -1))
             n_tasks = len({r["task"] for r in sel})
-            means[(variant, steps)] = mean_se([sum(v) / n_tasks for v in by_seed.values()])
+            ranks = {r["seed"]: r["target_erank"] for r in sel if r.get("target_erank") is not None}
+            means[(variant, steps)] = (mean_se([sum(v) / n_tasks for v in by_seed.values()]),
+                                       mean_se(list(ranks.values())) if ranks else (float("nan"),) * 2)
     controls = [m for m in ("blend", "projection") if any(r["model"] == m for r in rows)]
     if controls:  # the study's controls: is the gain more than blending with the init, or than no network?
         lines += ["", "| variant | task | steps | " + " | ".join(f"JEPA − {m}" for m in controls) + " |",
@@ -94,10 +96,11 @@ def table(rows: list[dict], probe: str = "linear", variant_key: str = "variant")
                      if acc[m] else "–" for m in controls]
             lines.append(f"| {variant} | {task} | {steps} | " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append("| variant | steps | mean over tasks of JEPA − random |")
-    lines.append("| --- | --- | --- |")
-    for (variant, steps), (m, s) in means.items():
-        lines.append(f"| {variant} | {steps} | {fmt(m, s)} |")
+    lines.append("| variant | steps | mean over tasks of JEPA − random | target effective rank |")
+    lines.append("| --- | --- | --- | --- |")
+    for (variant, steps), ((m, s), (rank, rank_se)) in means.items():
+        lines.append(f"| {variant} | {steps} | {fmt(m, s)} | "
+                     + (f"{rank:.0f} ± {rank_se:.0f} |" if rank_se == rank_se else f"{rank:.0f} |"))
     return "\n".join(lines)
 
 
