@@ -20,16 +20,27 @@ beyond the Debian archive): `python -m jobs.make_demo_corpus --out DIR_OR_S3`.
 Every task's splits are disjoint by source group (soundfont, voice, recording, background), the same way for
 valid as for test, and no valid/test source is in pretrain/.
 
+`--pretrain large` adds OUT/pretrain/large/ (27 h): recorded music, effects and speech from 34 more Debian main
+packages (LARGE_SOURCES: soundtracks, game sounds, telephone prompts in 5 languages, KTuberling's words in 23) and
+flite speech, 16 kHz mono FLAC, long files cut into segments; never a package a dev task reads. tasks/ unchanged.
+
 Idempotent: files already built (and objects already uploaded) are kept.  Packages are cached.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
+import io
+import math
 import os
+import re
 import shutil
 import subprocess
 import sys
 import time
+import zipfile
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -69,11 +80,10 @@ def say(msg: str) -> None:
     print(f"[demo corpus {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def fetch_packages(cache: Path) -> Path:
-    """apt-get download + dpkg -x into cache/root (no system install)."""
-    debs, root = cache / "debs", cache / "root"
+def download_packages(debs: Path, packages: list[str]) -> None:
+    """apt-get download of the `packages` not yet in `debs` (no system install)."""
     debs.mkdir(parents=True, exist_ok=True)
-    missing = [p for p in DEBS if not list(debs.glob(f"{p}_*.deb"))]
+    missing = [p for p in packages if not list(debs.glob(f"{p}_*.deb"))]
     if missing:
         say(f"downloading {len(missing)} Debian packages ({', '.join(missing[:4])}…)")
         cmd = ["apt-get", "download", *missing]
@@ -83,6 +93,12 @@ def fetch_packages(cache: Path) -> Path:
             r = subprocess.run(cmd, cwd=debs, capture_output=True, text=True)
             if r.returncode != 0:
                 raise SystemExit(f"apt-get download failed: {r.stderr[-2000:]}")
+
+
+def fetch_packages(cache: Path) -> Path:
+    """apt-get download + dpkg -x into cache/root (no system install)."""
+    debs, root = cache / "debs", cache / "root"
+    download_packages(debs, DEBS)
     stamp = root / ".extracted"  # the debs extracted so far, one a line (a cache of an older DEBS grows)
     done = set(stamp.read_text().split()) if stamp.exists() else set()
     todo = [deb for deb in sorted(debs.glob("*.deb")) if deb.name not in done]
@@ -433,6 +449,316 @@ def build_noisy_instrument_task(root: Path, out: Path, mixer: Mixer) -> int:
     return len(rows)
 
 
+# --- the large pretraining set (`--pretrain large`) ---------------------------------------------
+# pretrain/large/<package>/: real recordings from Debian main packages (game and educational soundtracks, sound
+# effects and ambiences, recorded speech) and pretrain/large/flite/ (flite speech, voices no task uses), added to
+# the default pretrain/, which is kept as it is. Each file decoded to 16 kHz mono FLAC; one longer than
+# LONG_SECONDS is cut into equal segments of at most SEGMENT_SECONDS. No package a dev task evaluates on or mixes
+# as a background, nor a relative of one (TASK_FAMILIES), and no file byte-identical to a task source.
+LARGE_VERSION = "1"  # the build's `.pretrain_set` marker reads "large-1"; bump it when LARGE_SOURCES changes
+TASK_PACKAGES = ("klettres-data", "ufoai-sound", "colobot-common-sounds", "timgm6mb-soundfont",
+                 "musescore-general-soundfont-small")
+TASK_FAMILIES = ("klettres", "ufoai", "colobot", "timgm6mb", "musescore-general-soundfont")  # e.g. ufoai-music
+SEGMENT_SECONDS, LONG_SECONDS = 30.0, 45.0
+AUDIO_SUFFIXES, ARCHIVE_SUFFIXES = (".ogg", ".opus", ".wav", ".flac", ".mp3"), (".pk3",)
+
+
+@dataclass(frozen=True)
+class LargeSource:
+    package: str
+    kind: str  # music, mixed (music, effects and some voices), effects or speech
+    what: str
+    skip: tuple[str, ...] = ()  # directory names whose files are left out
+
+
+LARGE_SOURCES = (
+    LargeSource("warzone2100-music", "music", "Warzone 2100's three soundtrack albums"),
+    LargeSource("planetblupi-music-ogg", "music", "Planet Blupi's music"),
+    LargeSource("wesnoth-1.16-music", "music", "Battle for Wesnoth's orchestral music"),
+    LargeSource("nexuiz-music", "music", "Nexuiz's electronic music (music.pk3)"),
+    LargeSource("singularity-music", "music", "Endgame: Singularity's music"),
+    LargeSource("drascula-music", "music", "Drascula's music (its six identical copies count once)"),
+    LargeSource("asc-music", "music", "Advanced Strategic Command's music"),
+    LargeSource("lordsawar-data", "music", "LordsAWar!'s music"),
+    LargeSource("hedgewars-data", "mixed", "Hedgewars: music, effects, 15 voice packs (en, es, pl, ru, uk)"),
+    LargeSource("supertux-data", "mixed", "SuperTux: music, effects, a few spoken lines"),
+    LargeSource("megaglest-data", "mixed", "MegaGlest: music, unit voices and effects, nature ambiences"),
+    LargeSource("marsshooter-data", "mixed", "M.A.R.S.: music, effects, announcer"),
+    LargeSource("freedroidrpg-data", "mixed", "FreedroidRPG: music, effects, bot voices"),
+    LargeSource("flare-game", "mixed", "Flare: music, environment and creature sounds"),
+    LargeSource("hyperrogue-music", "mixed", "HyperRogue: music and effects"),
+    LargeSource("ardentryst", "mixed", "Ardentryst: music, effects, monster sounds"),
+    LargeSource("lincity-ng-data", "mixed", "LinCity-NG: music and city sounds"),
+    LargeSource("frozen-bubble-data", "mixed", "Frozen Bubble: music and effects"),
+    LargeSource("xmoto-data", "music", "X-Moto's music"),
+    LargeSource("extremetuxracer-data", "mixed", "Extreme Tux Racer: music and effects"),
+    LargeSource("wordwarvi-sound", "effects", "Word War vi: effects and music"),
+    LargeSource("pinball-data", "effects", "Emilia Pinball: table sounds"),
+    LargeSource("lugaru-data", "effects", "Lugaru: effects"),
+    LargeSource("tuxmath-data", "effects", "Tux of Math Command: effects and music"),
+    LargeSource("tuxtype-data", "effects", "Tux Typing: effects and a few words"),
+    LargeSource("lmms-common", "effects", "LMMS: recorded instrument, drum and loop samples",
+                skip=("waveforms", "shapes")),
+    LargeSource("sonic-pi-samples", "effects", "Sonic Pi: recorded instrument, drum and loop samples"),
+    *(LargeSource(f"asterisk-core-sounds-{lang}-wav", "speech", f"Asterisk's telephone prompts, {name}, 8 kHz",
+                  skip=("silence",))
+      for lang, name in (("en", "Allison (en-US)"), ("es", "Allison (es-MX)"), ("fr", "June (fr-CA)"),
+                         ("it", "Carlo (it-IT)"), ("ru", "a Russian speaker"))),
+    LargeSource("ktuberling-data", "speech", "KTuberling: words spoken in 23 languages"),
+    LargeSource("kajongg", "speech", "Kajongg: tile names, 4 voices in English and German"),
+)
+FLITE_DEBS = ("flite", "libflite1", "libasound2")
+FLITE_VOICES = {"kal16": 95.0, "awb": 125.0, "rms": 105.0, "slt": 165.0}  # voice -> its usual f0 (Hz)
+FLITE_TEXT = "freedroidrpg-data"  # its dialogs' English lines are what flite says
+
+
+def is_task_package(package: str) -> bool:
+    """A package a dev task reads (or one of its relatives): never a pretraining source."""
+    return package in TASK_PACKAGES or package.startswith(TASK_FAMILIES)
+
+
+def large_units() -> dict[str, tuple[str, ...]]:
+    """Extraction unit -> its packages: one per source, and flite with its libraries."""
+    units = {s.package: (s.package,) for s in LARGE_SOURCES} | {"flite": FLITE_DEBS}
+    bad = [p for ps in units.values() for p in ps if is_task_package(p)]
+    if bad:
+        raise ValueError(f"dev-task packages in the pretraining set: {bad}")
+    return units
+
+
+def fetch_large_packages(cache: Path) -> dict[str, Path]:
+    """apt-get download + dpkg -x of each unit into its own cache/large/root/UNIT (a file's package is its unit)."""
+    debs = cache / "large" / "debs"
+    units = large_units()
+    download_packages(debs, sorted({p for ps in units.values() for p in ps}))
+    roots = {}
+    for unit, packages in units.items():
+        root = roots[unit] = cache / "large" / "root" / unit
+        files = sorted(d for p in packages for d in debs.glob(f"{p}_*.deb"))
+        stamp = root / ".extracted"
+        if not stamp.exists() or stamp.read_text().split() != [d.name for d in files]:
+            root.mkdir(parents=True, exist_ok=True)
+            for deb in files:
+                subprocess.run(["dpkg", "-x", str(deb), str(root)], check=True)
+            stamp.write_text("".join(f"{d.name}\n" for d in files))
+    return roots
+
+
+def segment_count(seconds: float) -> int:
+    """Pieces a file of `seconds` is cut into: 1 up to LONG_SECONDS, else equal pieces of at most SEGMENT_SECONDS."""
+    return 1 if seconds <= LONG_SECONDS else math.ceil(seconds / SEGMENT_SECONDS)
+
+
+def package_audio(root: Path, skip: tuple[str, ...] = (), counts: Counter | None = None):
+    """(key, bytes) of each audio file under `root` (key: its path) and each audio member of a .pk3 archive
+    (key: ARCHIVE::MEMBER), sorted; symlinks and files in a directory named in `skip` are left out (counted)."""
+    counts = Counter() if counts is None else counts
+    for p in sorted(root.rglob("*")):
+        rel, suffix = p.relative_to(root), p.suffix.lower()
+        if suffix not in AUDIO_SUFFIXES + ARCHIVE_SUFFIXES or not (p.is_file() or p.is_symlink()):
+            continue
+        if p.is_symlink():
+            counts["symlink"] += 1
+        elif any(part in skip for part in rel.parts[:-1]):
+            counts["left_out"] += 1
+        elif suffix in AUDIO_SUFFIXES:
+            yield rel.as_posix(), p.read_bytes()
+        else:
+            with zipfile.ZipFile(p) as z:
+                for m in sorted(z.namelist()):
+                    if m.lower().endswith(AUDIO_SUFFIXES):
+                        yield f"{rel.as_posix()}::{m}", z.read(m)
+
+
+def read_audio(root: Path, key: str) -> bytes:
+    if "::" in key:
+        archive, member = key.split("::", 1)
+        with zipfile.ZipFile(root / archive) as z:
+            return z.read(member)
+    return (root / key).read_bytes()
+
+
+TASK_AUDIO_DIRS = ("usr/share/klettres", "usr/share/games/ufoai", "usr/share/games/colobot")
+
+
+def task_source_digests(root: Path) -> set[str]:
+    """sha1 of every audio file of the packages the dev tasks read (KLettres' recordings, UFO:AI's sounds in
+    0snd.pk3, Colobot's sounds and music), all of them, used by a task or not."""
+    return task_source_digests_of([root / sub for sub in TASK_AUDIO_DIRS])
+
+
+def task_source_digests_of(paths: list[Path]) -> set[str]:
+    """sha1 of each audio file (and .pk3 member) under each directory of `paths`, or of each file in it."""
+    out = set()
+    for p in paths:
+        if p.is_dir():
+            out |= {hashlib.sha1(data).hexdigest() for _, data in package_audio(p)}
+        elif p.is_file():
+            out.add(hashlib.sha1(p.read_bytes()).hexdigest())
+        else:
+            raise SystemExit(f"{p} is missing: the dev tasks' packages must be extracted first")
+    return out
+
+
+@dataclass(frozen=True)
+class LargeItem:
+    package: str
+    key: str  # path under the package's root, or ARCHIVE::MEMBER
+    seconds: float  # from the header
+    targets: tuple[str, ...]  # under pretrain/large/, one a segment
+
+
+def large_plan(roots: dict[str, Path], sources: tuple[LargeSource, ...] | None = None,
+               exclude: set[str] | frozenset[str] = frozenset()) -> tuple[list[LargeItem], Counter]:
+    """Every audio file of each source's package, in a stable order, but symlinks, files in its `skip`
+    directories, byte-identical copies of an earlier file or of a dev-task source (sha1 in `exclude`) and files
+    whose header soundfile cannot read; what was dropped is counted by reason."""
+    items, counts, seen, used = [], Counter(), set(), set()
+    for src in LARGE_SOURCES if sources is None else sources:
+        if is_task_package(src.package):
+            raise ValueError(f"{src.package} is a dev-task source (or a relative): not for pretraining")
+        for key, data in package_audio(roots[src.package], src.skip, counts):
+            digest = hashlib.sha1(data).hexdigest()
+            if digest in exclude:
+                counts["task_source"] += 1
+                continue
+            if digest in seen:
+                counts["duplicate"] += 1
+                continue
+            seen.add(digest)
+            try:
+                info = sf.info(io.BytesIO(data))
+                seconds = info.frames / info.samplerate
+            except Exception:
+                seconds = 0.0
+            if not seconds > 0:
+                counts["unreadable"] += 1
+                continue
+            path = re.sub(r"^usr/share/(games/)?", "", key.replace("::", "/"))
+            stem = f"{src.package}/{re.sub(r'[^A-Za-z0-9._/-]', '_', path.rsplit('.', 1)[0])}"
+            if stem in used:  # same name, another format
+                stem += "_" + path.rsplit(".", 1)[1].lower()
+            used.add(stem)
+            n = segment_count(seconds)
+            targets = (f"{stem}.flac",) if n == 1 else tuple(f"{stem}_s{i:02d}.flac" for i in range(n))
+            items.append(LargeItem(src.package, key, seconds, targets))
+    return items, counts
+
+
+def dialog_lines(text: str) -> list[str]:
+    """The English lines of FreedroidRPG dialog scripts (`_"..."` strings), markup removed, 4 to 40 words."""
+    out = []
+    for m in re.finditer(r'_"((?:[^"\\]|\\.)*)"', text):
+        s = " ".join(re.sub(r"\[/?\w+\]", "", m.group(1).replace("\\n", " ")).replace('\\"', '"').split())
+        if 4 <= len(s.split()) <= 40 and re.search("[A-Za-z]{3}", s) and not re.search(r"[%$<>{}]", s):
+            out.append(s)
+    return out
+
+
+def build_flite(root: Path, texts: list[str], dst: Path, rng: np.random.Generator, n: int) -> None:
+    """`n` lines said by flite's voices (FLITE_VOICES), speed and pitch drawn anew each time."""
+    from service.audio import decode
+    lib = root / "usr/lib/x86_64-linux-gnu"
+    env = {**os.environ, "LD_LIBRARY_PATH": str(lib)}
+    voices = sorted(FLITE_VOICES)
+    tmp = dst / ".flite.wav"
+    for i in range(n):
+        voice, text = voices[int(rng.integers(len(voices)))], texts[int(rng.integers(len(texts)))]
+        stretch, f0 = float(rng.uniform(0.8, 1.3)), FLITE_VOICES[voice] * float(rng.uniform(0.8, 1.3))
+        p = dst / f"flite_{i:05d}.flac"
+        if not p.exists():
+            dst.mkdir(parents=True, exist_ok=True)
+            subprocess.run([str(root / "usr/bin/flite"), "-voice", voice, "--setf", f"duration_stretch={stretch:.3f}",
+                            "--setf", f"int_f0_target_mean={f0:.1f}", "-t", text, "-o", str(tmp)],
+                           env=env, check=True, capture_output=True)
+            write(p, decode(tmp.read_bytes(), SR), SR)
+        if (i + 1) % 500 == 0:
+            say(f"  flite {i + 1}/{n}")
+    tmp.unlink(missing_ok=True)
+
+
+def clear_stale_pretrain(build: Path, pretrain: str) -> None:
+    """pretrain/large/ is the large set of one version (the build's `.pretrain_set` marker): a default build
+    removes it (and the marker), a large build of another version rebuilds it. tasks/ and the rest of pretrain/
+    are never touched, and a default build writes no marker."""
+    marker, large = build / ".pretrain_set", build / "pretrain" / "large"
+    want = f"large-{LARGE_VERSION}" if pretrain == "large" else "default"
+    have = marker.read_text().strip() if marker.exists() else "default"
+    if large.exists() and (want == "default" or have != want):
+        say(f"removing {large} (the pretraining set {have}, not {want})")
+        shutil.rmtree(large)
+    if want == "default":
+        marker.unlink(missing_ok=True)
+    else:  # before anything is built: an interrupted large build is still marked as one
+        build.mkdir(parents=True, exist_ok=True)
+        marker.write_text(want)
+
+
+def audio_hours(files) -> float:
+    """Hours of the files soundfile can read (from their headers)."""
+    total = 0.0
+    for f in files:
+        try:
+            total += sf.info(str(f)).duration
+        except Exception:
+            pass
+    return total / 3600
+
+
+def build_large_pretrain(cache: Path, root: Path, out: Path, n_flite: int, rng: np.random.Generator) -> int:
+    """pretrain/large/ (see LARGE_SOURCES), with sources.csv (each file's package, kind and seconds) and a
+    summary by source; files already written are kept (`.done` lists the source files finished)."""
+    from service.audio import SILENCE_PEAK, Skip, decode
+    dst = out / "pretrain" / "large"
+    roots = fetch_large_packages(cache)
+    say("planning the large pretraining set (checksums against the dev tasks' packages)")
+    items, counts = large_plan(roots, exclude=task_source_digests(root))
+    done_path = dst / ".done"
+    done = set(done_path.read_text().splitlines()) if done_path.exists() else set()
+    todo = [it for it in items if f"{it.package}\t{it.key}" not in done]
+    say(f"{len(items)} source files, {sum(it.seconds for it in items) / 3600:.1f} h "
+        f"({', '.join(f'{k} {v}' for k, v in sorted(counts.items()))} left out); decoding {len(todo)}")
+    dst.mkdir(parents=True, exist_ok=True)
+    skipped: Counter = Counter()
+    with done_path.open("a") as log:
+        for i, it in enumerate(todo):
+            try:
+                x = decode(read_audio(roots[it.package], it.key), SR)
+            except Skip as e:  # mostly effects under 0.25 s (too_short), what the pipeline would skip too
+                skipped[e.reason] += 1
+                x = np.zeros(0, np.float32)
+            peak = float(np.abs(x).max()) if len(x) else 0.0
+            x = x * (0.99 / peak) if peak > 0.99 else x  # resampling (or a lossy codec) overshoots: scale, not clip
+            for target, seg in zip(it.targets, np.array_split(x, len(it.targets)) if len(x) else []):
+                if len(seg) >= SR // 4 and np.abs(seg).max() > SILENCE_PEAK:
+                    write(dst / target, seg, SR)
+            log.write(f"{it.package}\t{it.key}\n")
+            log.flush()
+            if (i + 1) % 500 == 0:
+                say(f"  decoded {i + 1}/{len(todo)}")
+    if skipped:
+        say(f"  not decoded: {', '.join(f'{k} {v}' for k, v in sorted(skipped.items()))}")
+    say(f"rendering {n_flite} lines with flite ({', '.join(sorted(FLITE_VOICES))})")
+    texts = sorted(set(dialog_lines("\n".join(
+        p.read_text(errors="replace") for p in sorted((roots[FLITE_TEXT] / "usr/share/freedroidrpg").rglob("*.lua"))))))
+    build_flite(roots["flite"], texts, dst / "flite", rng, n_flite)
+    kinds = {s.package: s.kind for s in LARGE_SOURCES} | {"flite": "speech (synthetic)"}
+    rows = [(f.relative_to(dst).as_posix(), sf.info(str(f)).duration) for f in sorted(dst.rglob("*.flac"))]
+    (dst / "sources.csv").write_text("path,package,kind,seconds\n" + "".join(
+        f"{p},{p.split('/')[0]},{kinds.get(p.split('/')[0], '?')},{s:.3f}\n" for p, s in rows))
+    by: dict[str, list[float]] = {}
+    for p, s in rows:
+        by.setdefault(p.split("/")[0], []).append(s)
+    say("the large pretraining set, by source (files, hours):")
+    for pkg, secs in sorted(by.items(), key=lambda kv: -sum(kv[1])):
+        say(f"  {pkg:34s} {kinds.get(pkg, '?'):18s} {len(secs):6d} {sum(secs) / 3600:6.2f} h")
+    base = {d: audio_hours(sorted((out / "pretrain" / d).rglob("*.*"))) for d in ("tuxpaint", "notes", "speech")}
+    say(f"pretrain/large: {len(rows)} files, {sum(s for _, s in rows) / 3600:.2f} h; default parts: "
+        + ", ".join(f"{d} {h:.2f} h" for d, h in base.items())
+        + f"; pretrain/ in all {sum(s for _, s in rows) / 3600 + sum(base.values()):.2f} h")
+    return len(rows)
+
+
 def upload(local: Path, uri: str, endpoint: str | None) -> int:
     """Copy the tree to s3://bucket/prefix, skipping objects that already exist with the same size."""
     import boto3
@@ -474,7 +800,7 @@ def upload(local: Path, uri: str, endpoint: str | None) -> int:
     return len(files)
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m jobs.make_demo_corpus", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="local dir or s3://bucket/prefix")
@@ -484,13 +810,22 @@ def main(argv=None) -> int:
     p.add_argument("--speech", type=int, default=1500, help="spoken sentences in the pretraining set")
     p.add_argument("--voices", type=int, default=60, help="voices in the spoken-digit task")
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
+    p.add_argument("--pretrain", choices=("default", "large"), default="default",
+                   help="large: add pretrain/large/ (about 25 h of recorded music, effects and speech from 34 more "
+                        "Debian packages, and flite speech); tasks/ stay exactly the same")
+    p.add_argument("--flite", type=int, default=1500, help="flite lines in the large pretraining set")
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
     t0 = time.time()
     cache = Path(args.cache).resolve()
     remote = args.out.startswith("s3://")
     build = cache / "corpus" if remote else Path(args.out).resolve()
     root = fetch_packages(cache)
     clear_stale_build(build)
+    clear_stale_pretrain(build, args.pretrain)
     espeak = Espeak(root)
     rng = np.random.default_rng(args.seed)
     voices = sorted({f"{a}+{v}" for a in ACCENTS for v in espeak.variants})
@@ -518,9 +853,14 @@ def main(argv=None) -> int:
     say("rendering the noisy instrument-family task (a soundfont per split, over backgrounds)")
     n_inst_noisy = build_noisy_instrument_task(root, build, Mixer(backgrounds, np.random.default_rng(args.seed + 4)))
     (build / ".corpus_version").write_text(CORPUS_VERSION)
+    n_large = 0
+    if args.pretrain == "large":  # after the tasks and the version marker: they are the default build's, unchanged
+        say("building the large pretraining set (pretrain/large/)")
+        n_large = build_large_pretrain(cache, root, build, args.flite, np.random.default_rng(args.seed + 20))
     if remote:
         upload(build, args.out, args.s3_endpoint)
-    say(f"done in {time.time() - t0:.0f} s: {n_pre} pretraining files, instrument_family {n_inst} clips, "
+    large = f" (+{n_large} in pretrain/large)" if args.pretrain == "large" else ""
+    say(f"done in {time.time() - t0:.0f} s: {n_pre} pretraining files{large}, instrument_family {n_inst} clips, "
         f"spoken_digit {n_dig} clips, spoken_language {n_lang} clips, spoken_digit_noisy {n_dig_noisy} clips, "
         f"spoken_language_noisy {n_lang_noisy} clips, instrument_family_noisy {n_inst_noisy} clips -> {args.out}")
     return 0
