@@ -139,37 +139,36 @@ def _long_logmel(fe: LogMel, x: torch.Tensor, fc: FeaturesConfig) -> torch.Tenso
     return torch.cat(chunks, dim=1)
 
 
-def _cache_path(cache_dir: str, key: dict, suffix: str) -> Path:
-    return Path(cache_dir) / (hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20] + suffix)
+def _cached(cache_dir: str | None, key: dict, suffix: str, compute, load, save):
+    """`compute()`, stored under sha256(key) in `cache_dir` (written whole, then renamed) and loaded next time."""
+    if not cache_dir:
+        return compute()
+    path = Path(cache_dir) / (hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20] + suffix)
+    if path.exists():
+        return load(path)
+    value = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save(tmp, value)
+    os.replace(tmp, path)
+    return value
+
+
+def _save_npy(path: Path, value: np.ndarray) -> None:
+    with open(path, "wb") as f:
+        np.save(f, value)
 
 
 def cached(cache_dir: str | None, key: dict, compute) -> np.ndarray:
     """Embeddings cached per (model, task, pooling) so re-running a probe does not re-encode."""
-    if not cache_dir:
-        return compute()
-    path = _cache_path(cache_dir, key, ".npy")
-    if path.exists():
-        return np.load(path)
-    feats = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.save(path.with_suffix(".tmp.npy"), feats)
-    os.replace(path.with_suffix(".tmp.npy"), path)
-    return feats
+    return _cached(cache_dir, key, ".npy", compute, np.load, _save_npy)
 
 
 def cached_probes(cache_dir: str | None, key: dict, X: np.ndarray, y: np.ndarray, split: np.ndarray) -> list[dict]:
     """`run_probes` on the test split, cached beside the features it read (same key, PROBES_VERSION added):
     the random init, the controls and log-mel are probed once per seed and task, not once per study run."""
-    if not cache_dir:
-        return run_probes(X, y, split)
-    path = _cache_path(cache_dir, {**key, "probes": PROBES_VERSION}, ".probes.json")
-    if path.exists():
-        return json.loads(path.read_text())
-    rows = run_probes(X, y, split)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.with_suffix(".tmp").write_text(json.dumps(rows))
-    os.replace(path.with_suffix(".tmp"), path)
-    return rows
+    return _cached(cache_dir, {**key, "probes": PROBES_VERSION}, ".probes.json", lambda: run_probes(X, y, split),
+                   lambda p: json.loads(p.read_text()), lambda p, rows: p.write_text(json.dumps(rows)))
 
 
 # --- probes --------------------------------------------------------------------------------
